@@ -1,0 +1,184 @@
+"""Experiment configs: the paper's Appendix B settings as YAML files, validated on load.
+
+A phase field (under `cluster:` / `classify:`) may be one value or a mapping variant -> value
+(e.g. Birdsnap's clustering batch size is 1024 for A and 128 for B-D).
+"""
+
+import copy
+import difflib
+import os
+
+import yaml
+
+from keras_cwsn.models import ALL_VARIANTS, ARCHS, VARIANTS
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEFAULT_CONFIGS = {
+    "synthetic": "synthetic_lenet.yaml",
+    "cifar10": "cifar10_lenet.yaml",
+    "cifar100": "cifar100_lenet.yaml",
+    "birdsnap34": "birdsnap34_alexnet.yaml",
+    "birdsnap": "birdsnap_alexnet.yaml",
+}
+
+
+class ConfigError(ValueError):
+    """A config that names an unknown key or holds a value of the wrong type or range."""
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _non_negative_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_number(v):
+    return _non_negative_number(v) and v > 0
+
+
+PHASE_SCHEMA = {
+    "epochs": (_positive_int, "an integer >= 1"),
+    "batch_size": (_positive_int, "an integer >= 1"),
+    "learning_rate": (_positive_number, "a number > 0"),
+    "lr_milestones": (lambda v: isinstance(v, list) and all(_positive_int(m) for m in v), "a list of epochs >= 1"),
+    "lr_factor": (lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]"),
+    "momentum": (lambda v: _non_negative_number(v) and v < 1, "a number in [0, 1)"),
+    "weight_decay": (_non_negative_number, "a number >= 0"),
+}
+TOP_SCHEMA = {
+    "dataset": (lambda v: isinstance(v, str), "a dataset name"),
+    "arch": (lambda v: v in ARCHS, f"one of {ARCHS}"),
+    "variant": (lambda v: v in ALL_VARIANTS, f"one of {ALL_VARIANTS}"),
+    "double": (lambda v: isinstance(v, bool), "true or false"),
+    "margin": (_positive_number, "a number > 0"),
+    "head": (lambda v: v in ("hungarian", "copy", "fresh"), "one of hungarian, copy, fresh"),
+    "schedule_scale": (lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]"),
+    "eval_split": (lambda v: v in ("val", "test"), "val or test"),
+    "val_per_class": (_positive_int, "an integer >= 1"),
+    "data_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
+    "xla": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "precision": (lambda v: v in ("float32", "mixed_bfloat16", "mixed_float16"), "float32, mixed_bfloat16 or mixed_float16"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "augment": (lambda v: isinstance(v, bool), "true or false"),
+    "metrics_every": (_positive_int, "an integer >= 1"),
+    "steps_per_execution": (_positive_int, "an integer >= 1"),
+    "embedding_sample": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "strategy": (lambda v: v in ("auto", "one", "mirrored", "multiworker"), "auto, one, mirrored or multiworker"),
+    "synthetic": (lambda v: isinstance(v, dict), "a mapping"),
+    "cluster": (lambda v: isinstance(v, dict), "a mapping of phase settings"),
+    "classify": (lambda v: isinstance(v, dict), "a mapping of phase settings"),
+}
+SYNTHETIC_SCHEMA = {
+    "train_size": (_positive_int, "an integer >= 1"),
+    "eval_size": (_positive_int, "an integer >= 1"),
+    "num_coarse": (lambda v: _positive_int(v) and 2 <= v <= 4, "an integer in 2..4"),
+    "fine_per_coarse": (lambda v: _positive_int(v) and 2 <= v <= 5, "an integer in 2..5"),
+    "data_seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "noise": (_non_negative_number, "a number >= 0"),
+}
+DEFAULTS = {
+    "variant": "D", "double": False, "margin": 2.0, "head": "hungarian", "schedule_scale": 1.0,
+    "eval_split": "val", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
+    "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": 1, "embedding_sample": 500,
+    "strategy": "auto", "synthetic": {},
+}
+
+
+def _unknown(key, known, where):
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"Unknown config key {where}{key!r}.{hint} Known keys: {', '.join(sorted(known))}.")
+
+
+def _check(schema, mapping, where):
+    for key, value in mapping.items():
+        if key not in schema:
+            raise _unknown(key, schema, where)
+        ok, expected = schema[key]
+        if not ok(value):
+            raise ConfigError(f"Config key {where}{key!r} must be {expected}. Received: {value!r}")
+
+
+def validate(config):
+    """Check every key and value; return a completed copy (defaults filled). Raises ConfigError."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"A config must be a mapping of keys to values. Received: {type(config).__name__}")
+    config = copy.deepcopy(config)
+    for key, value in DEFAULTS.items():
+        config.setdefault(key, copy.deepcopy(value))
+    for required in ("dataset", "arch", "cluster", "classify"):
+        if required not in config:
+            raise ConfigError(f"Config is missing the required key {required!r}.")
+    _check(TOP_SCHEMA, config, "")
+    _check(SYNTHETIC_SCHEMA, config["synthetic"], "synthetic.")
+    for phase in ("cluster", "classify"):
+        missing = set(PHASE_SCHEMA) - set(config[phase])
+        if missing:
+            raise ConfigError(f"Config section {phase!r} is missing {sorted(missing)}.")
+        for key, value in config[phase].items():
+            if key not in PHASE_SCHEMA:
+                raise _unknown(key, PHASE_SCHEMA, f"{phase}.")
+            values = value if isinstance(value, dict) else {"*": value}
+            for variant, v in values.items():
+                if variant != "*" and variant not in ALL_VARIANTS:
+                    raise ConfigError(f"Config key {phase}.{key} names unknown variant {variant!r}; "
+                                      f"expected one of {ALL_VARIANTS}.")
+                _check({key: PHASE_SCHEMA[key]}, {key: v}, f"{phase}.")
+    return config
+
+
+def load_config(path=None, dataset=None):
+    """Read and validate a YAML/JSON config file (or the dataset's default one)."""
+    if path is None:
+        if dataset not in DEFAULT_CONFIGS:
+            raise ConfigError(f"Unknown dataset. Expected one of {', '.join(DEFAULT_CONFIGS)}. Received: {dataset!r}")
+        path = os.path.join(CONFIG_DIR, DEFAULT_CONFIGS[dataset])
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file not found: {path}")
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    return validate(config)
+
+
+def set_value(config, dotted_key, value):
+    """Override one (possibly nested, dot-separated) key, e.g. `cluster.weight_decay`; returns a new config."""
+    config = copy.deepcopy(config)
+    *parents, last = dotted_key.split(".")
+    node = config
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"Cannot set {dotted_key!r}: {p!r} is not a section of the config.")
+        node = node[p]
+    node[last] = value
+    return validate(config)
+
+
+def phase_settings(config, phase):
+    """The settings of one phase for the config's variant, scaled by `schedule_scale`.
+
+    Epochs and learning-rate milestones are multiplied by `schedule_scale` and rounded (at least 1),
+    so a shortened schedule keeps the paper's shape.
+    """
+    variant = config["variant"]
+    settings = {}
+    for key, value in config[phase].items():
+        if isinstance(value, dict):
+            if variant not in value:
+                raise ConfigError(f"Config key {phase}.{key} has no value for variant {variant!r}.")
+            value = value[variant]
+        settings[key] = value
+    scale = config["schedule_scale"]
+    settings["epochs"] = max(1, round(settings["epochs"] * scale))
+    settings["lr_milestones"] = sorted({max(1, round(m * scale)) for m in settings["lr_milestones"]})
+    return settings
+
+
+def learning_rate_at(epoch, settings):
+    """Step schedule: the base rate times lr_factor for every milestone reached (epochs counted from 0)."""
+    drops = sum(1 for m in settings["lr_milestones"] if epoch >= m)
+    return settings["learning_rate"] * settings["lr_factor"] ** drops

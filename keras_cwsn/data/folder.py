@@ -1,0 +1,118 @@
+"""Read a folder of class sub-folders (`DIR/<split>/<class>/*.jpg`) into memory, in parallel, once.
+
+Decoding runs in tf.data (parallel, AUTOTUNE); files that fail to decode (corrupt, zero bytes)
+are skipped and counted by name. The decoded arrays are cached as `.npy` under the cache
+folder, keyed by the listing (paths, sizes, mtimes), so later runs start in a second.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from keras_cwsn.data.preprocess import write_json_atomic
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+class FolderError(ValueError):
+    """A data folder that can't be read as `<split>/<class>/<images>`."""
+
+
+def default_cache_dir():
+    return os.environ.get("KERAS_CWSN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "keras_cwsn"))
+
+
+def list_split(data_dir, split_folder, class_names):
+    """(paths, labels, report) for `data_dir/split_folder/<class>/*`; unknown class folders are an error."""
+    root = os.path.join(data_dir, split_folder)
+    if not os.path.isdir(root):
+        raise FolderError(f"No folder {root!r}: expected {split_folder}/<class>/<images> under --data-dir {data_dir!r}.")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    unknown = [d for d in folders if d not in class_names]
+    if unknown:
+        raise FolderError(
+            f"{root}: class folders {unknown} are not in the class table ({', '.join(class_names)})."
+        )
+    paths, labels, report = [], [], {"empty_class_folders": [], "non_image_files": 0}
+    for label, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        report["non_image_files"] += len(files) - len(images)
+        if not images:
+            report["empty_class_folders"].append(name)
+        paths += [os.path.join(folder, f) for f in images]
+        labels += [label] * len(images)
+    if not paths:
+        raise FolderError(f"{root}: no images found in any class folder.")
+    return paths, np.asarray(labels, dtype=np.int64), report
+
+
+def decode_files(paths, labels, image_size):
+    """Decode image files in parallel to uint8 (N, H, W, 3) at `image_size`; skip undecodable ones.
+
+    Returns (images, labels, skipped_paths).
+    """
+    height, width = image_size
+
+    def load(index):
+        data = tf.io.read_file(tf.gather(paths_t, index))
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        if not (height is None or width is None):
+            image = tf.cond(
+                tf.reduce_all(tf.shape(image)[:2] == [height, width]),
+                lambda: image,
+                lambda: tf.cast(tf.round(tf.image.resize(image, (height, width), antialias=True)), tf.uint8),
+            )
+        return image, index
+
+    paths_t = tf.constant(paths)
+    ds = tf.data.Dataset.range(len(paths)).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors().batch(1024)
+    images, kept = [], []
+    for batch_images, batch_index in ds:
+        images.append(batch_images.numpy())
+        kept.append(batch_index.numpy())
+    kept = np.concatenate(kept) if kept else np.zeros((0,), np.int64)
+    images = np.concatenate(images) if images else np.zeros((0, height, width, 3), np.uint8)
+    skipped = sorted(set(range(len(paths))) - set(kept.tolist()))
+    return images, labels[kept], [paths[i] for i in skipped]
+
+
+def load_folder_split(data_dir, split_folder, class_names, image_size, cache_dir=None, verbose=True):
+    """Decoded (images, labels, report) of one split folder, cached after the first read."""
+    paths, labels, report = list_split(data_dir, split_folder, class_names)
+    digest = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    digest.update(repr((tuple(class_names), tuple(image_size))).encode())
+    cache = os.path.join(cache_dir or default_cache_dir(), "folders", digest.hexdigest()[:20])
+    if os.path.exists(os.path.join(cache, "report.json")):
+        with open(os.path.join(cache, "report.json")) as f:
+            report = json.load(f)
+        images = np.load(os.path.join(cache, "images.npy"), mmap_mode="r")
+        return np.asarray(images), np.load(os.path.join(cache, "labels.npy")), report
+    images, labels, skipped = decode_files(paths, labels, image_size)
+    report.update(folder=os.path.join(data_dir, split_folder), listed=len(paths), decoded=len(labels),
+                  skipped_undecodable=skipped)
+    if verbose and (skipped or report["empty_class_folders"] or report["non_image_files"]):
+        print(f"[data] {report['folder']}: skipped {len(skipped)} undecodable file(s)"
+              f"{' e.g. ' + skipped[0] if skipped else ''}; {report['non_image_files']} non-image file(s) ignored; "
+              f"empty class folders: {report['empty_class_folders'] or 'none'}")
+    if len(labels) == 0:
+        raise FolderError(f"{report['folder']}: none of the {len(paths)} image files could be decoded.")
+    try:
+        os.makedirs(cache, exist_ok=True)
+        for name, array in (("images", images), ("labels", labels)):
+            tmp = os.path.join(cache, f".{name}.tmp.npy")
+            np.save(tmp, array)
+            os.replace(tmp, os.path.join(cache, f"{name}.npy"))
+        write_json_atomic(os.path.join(cache, "report.json"), report)  # written last: marks the cache complete
+    except OSError as e:
+        print(f"[data] could not cache decoded images in {cache}: {e}")
+    return images, labels, report

@@ -1,0 +1,90 @@
+"""In-graph preprocessing shared by the tf.data pipelines and the exported SavedModel.
+
+CIFAR-style ("yuv", after Hsu & Kira): RGB -> YUV, Y standardised per image, U and V by the
+training split's mean and std. Birdsnap ("imagenet"): RGB scaled to [0, 1] and normalised with
+ImageNet's mean and std.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("yuv", "imagenet")
+
+
+def yuv_normalize(images, uv_mean, uv_std):
+    """uint8 RGB images (..., H, W, 3) -> float32 YUV with per-image Y and dataset-level U, V standardisation."""
+    yuv = tf.image.rgb_to_yuv(tf.cast(images, tf.float32) / 255.0)
+    y = yuv[..., :1]
+    mean = tf.reduce_mean(y, axis=[-3, -2, -1], keepdims=True)
+    std = tf.math.reduce_std(y, axis=[-3, -2, -1], keepdims=True)
+    num_pixels = tf.cast(tf.reduce_prod(tf.shape(y)[-3:]), tf.float32)
+    y = (y - mean) / tf.maximum(std, tf.math.rsqrt(num_pixels))  # a flat image must not divide by 0
+    uv = (yuv[..., 1:] - tf.constant(uv_mean, tf.float32)) / tf.constant(uv_std, tf.float32)
+    return tf.concat([y, uv], axis=-1)
+
+
+def imagenet_normalize(images):
+    """uint8 RGB images -> float32 normalised with ImageNet's per-channel mean and std."""
+    x = tf.cast(images, tf.float32) / 255.0
+    return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def resize_images(images, size):
+    """Resize a batch or single image to `size` (bilinear, antialiased), keeping uint8-range float values."""
+    return tf.image.resize(images, size, method="bilinear", antialias=True)
+
+
+def random_crop_flip(image, size, seed=None):
+    """Training augmentation for one image: resize the short side to 1.14 x size, random crop, random flip."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = 1.14 * max(size) / tf.reduce_min(shape)
+    resized = tf.image.resize(image, tf.cast(tf.math.ceil(shape * scale), tf.int32), antialias=True)
+    cropped = tf.image.random_crop(resized, (size[0], size[1], 3), seed=seed)
+    return tf.image.random_flip_left_right(cropped, seed=seed)
+
+
+def preprocess(images, normalization, stats):
+    """Apply a dataset's normalisation to uint8/float RGB images already at the model's size."""
+    if normalization == "yuv":
+        return yuv_normalize(images, stats["uv_mean"], stats["uv_std"])
+    if normalization == "imagenet":
+        return imagenet_normalize(images)
+    raise ValueError(f"Unknown normalization. Expected one of {NORMALIZATIONS}. Received: {normalization!r}")
+
+
+def compute_uv_stats(image_batches):
+    """Mean and std of the U and V channels over every pixel of an iterable of uint8 image batches."""
+    total, total_sq, count = np.zeros(2), np.zeros(2), 0
+    for batch in image_batches:
+        uv = tf.image.rgb_to_yuv(tf.cast(batch, tf.float32) / 255.0)[..., 1:].numpy().astype(np.float64)
+        uv = uv.reshape(-1, 2)
+        total += uv.sum(axis=0)
+        total_sq += (uv**2).sum(axis=0)
+        count += uv.shape[0]
+    if count == 0:
+        raise ValueError("Cannot compute U, V statistics of an empty training split.")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return {"uv_mean": mean.round(6).tolist(), "uv_std": np.maximum(std, 1e-6).round(6).tolist()}
+
+
+def write_json_atomic(path, payload):
+    """Write JSON through a temporary file and os.replace: readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,156 @@
+"""Pairwise KL-divergence contrastive loss (KCL, Hsu & Kira 2015) as used by Cluster-based Warm-Start Nets.
+
+Paper: https://openreview.net/forum?id=SkNXwJ-Rb (Eq. 2-4); reference: Hsu & Kira, arXiv:1511.06321.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+EPSILON = 1e-7
+
+
+def pairwise_similarity(y_true, num_examples=None):
+    """Turn labels (N,) / (N, 1) or an (N, N) constraint matrix into (similar, valid) float32 matrices.
+
+    Labels: `similar[i, j] = 1` where labels are equal; every pair is valid.
+    Constraint matrix: 1 similar, 0 dissimilar, -1 unknown (not valid, masked out of the mean).
+    """
+    y_true = ops.convert_to_tensor(y_true)
+    rank = len(y_true.shape)
+    if rank == 2 and y_true.shape[-1] == 1:
+        y_true = ops.squeeze(y_true, axis=-1)
+        rank = 1
+    if rank == 1:
+        if num_examples is not None and y_true.shape[0] is not None and y_true.shape[0] != num_examples:
+            raise ValueError(
+                f"PairwiseKLLoss: y_true has {y_true.shape[0]} labels for {num_examples} predictions. "
+                f"Received: y_true.shape={tuple(y_true.shape)}"
+            )
+        labels = ops.cast(y_true, "float32")
+        similar = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32")
+        return similar, ops.ones_like(similar)
+    if rank == 2:
+        rows, cols = y_true.shape
+        if rows is not None and cols is not None and rows != cols:
+            raise ValueError(
+                "PairwiseKLLoss: a pairwise constraint matrix must be N x N. "
+                f"Received: y_true.shape={tuple(y_true.shape)}"
+            )
+        if num_examples is not None and rows is not None and rows != num_examples:
+            raise ValueError(
+                f"PairwiseKLLoss: constraint matrix is {rows} x {cols} for {num_examples} predictions."
+            )
+        constraints = ops.cast(y_true, "float32")
+        valid = ops.cast(ops.greater_equal(constraints, 0.0), "float32")
+        similar = ops.cast(ops.equal(constraints, 1.0), "float32")
+        return similar, valid
+    raise ValueError(
+        "PairwiseKLLoss: y_true must be integer labels (N,) or an N x N constraint matrix. "
+        f"Received rank {rank}: y_true.shape={tuple(y_true.shape)}"
+    )
+
+
+def pairwise_kl_divergence(y_pred, from_logits=True):
+    """All-pairs KL[i, j] = KL(stop_gradient(P_i) || P_j) for a batch of predictions, shape (N, N).
+
+    One (N, K) x (K, N) matrix product, never an (N, N, K) tensor:
+    `KL = rowsum(T * log T)[:, None] - T @ log(P)^T` with `T = stop_gradient(P)`.
+    Computed in float32 whatever the input dtype; log P is clamped at log(eps) so that
+    saturated softmaxes (|logit| ~ 1e4, float16) stay finite.
+    """
+    y_pred = ops.cast(y_pred, "float32")
+    if from_logits:
+        log_p = ops.log_softmax(y_pred, axis=-1)
+    else:
+        probs = y_pred / ops.maximum(ops.sum(y_pred, axis=-1, keepdims=True), EPSILON)
+        log_p = ops.log(ops.clip(probs, EPSILON, 1.0))
+    log_p = ops.maximum(log_p, math.log(EPSILON))
+    log_t = ops.stop_gradient(log_p)
+    t = ops.exp(log_t)
+    neg_entropy = ops.sum(t * log_t, axis=-1)
+    return neg_entropy[:, None] - ops.matmul(t, ops.transpose(log_p))
+
+
+def pairwise_kl_loss(y_true, y_pred, margin=2.0, from_logits=True):
+    """Per-anchor pairwise KL contrastive loss, shape (N,).
+
+    Args:
+        y_true: labels (N,) or (N, 1), or an (N, N) constraint matrix (1 / 0 / -1 unknown).
+        y_pred: (N, K) logits (or probabilities with `from_logits=False`).
+        margin: float. Hinge margin for dissimilar pairs. Defaults to 2.0.
+        from_logits: bool. Whether `y_pred` are logits. Defaults to True.
+
+    Returns:
+        (N,) values whose mean is the mean of
+        `S_ij * KL_ij + (1 - S_ij) * max(0, margin - KL_ij)` over the valid ordered pairs,
+        so that Keras's `sum_over_batch_size` reduction yields the paper's loss.
+    """
+    y_pred = ops.convert_to_tensor(y_pred)
+    if len(y_pred.shape) != 2:
+        raise ValueError(f"PairwiseKLLoss: y_pred must be (N, K). Received: y_pred.shape={tuple(y_pred.shape)}")
+    similar, valid = pairwise_similarity(y_true, num_examples=y_pred.shape[0])
+    kl = pairwise_kl_divergence(y_pred, from_logits=from_logits)
+    pair_loss = similar * kl + (1.0 - similar) * ops.relu(margin - kl)
+    pair_loss = pair_loss * valid
+    num_rows = ops.cast(ops.shape(valid)[0], "float32")
+    scale = ops.divide_no_nan(num_rows, ops.sum(valid))
+    return ops.sum(pair_loss, axis=-1) * scale
+
+
+def _check_finite(y_pred):
+    """Raise on NaN/inf logits when running eagerly (traced graphs are guarded by the training callbacks)."""
+    try:
+        values = ops.convert_to_numpy(y_pred)
+    except Exception:  # symbolic tensor inside a traced function: nothing to look at yet
+        return
+    if not np.all(np.isfinite(values)):
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        raise ValueError(f"PairwiseKLLoss received {bad} non-finite values (NaN or inf) in y_pred.")
+
+
+@keras.saving.register_keras_serializable(package="keras_cwsn")
+class PairwiseKLLoss(keras.losses.Loss):
+    """All-pairs KL-divergence contrastive loss over a batch, from in-batch label equality.
+
+    For a batch of N outputs, every ordered pair (i, j) contributes
+    `KL(P_i || P_j)` if similar and `max(0, margin - KL(P_i || P_j))` if not, with the target
+    side P_i stop-gradiented (enumerating both orders gives the paper's symmetric Eq. 2).
+    The result is the mean over all N^2 ordered pairs (unknown pairs masked out).
+
+    Args:
+        margin: float. Hinge margin for dissimilar pairs. Defaults to 2.0.
+        from_logits: bool. Whether predictions are logits. Defaults to True.
+        check_finite: bool. Raise a clear error on NaN/inf predictions in eager calls. Defaults to True.
+
+    Example:
+    ```python
+    loss = PairwiseKLLoss(margin=2.0)
+    loss(np.array([0, 0, 1]), np.random.randn(3, 10))
+    ```
+    """
+
+    def __init__(self, margin=2.0, from_logits=True, check_finite=True, reduction="sum_over_batch_size",
+                 name="pairwise_kl", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        try:
+            margin = float(margin)
+        except (TypeError, ValueError):
+            raise ValueError(f"PairwiseKLLoss: margin must be a number. Received: margin={margin!r}") from None
+        if not math.isfinite(margin) or margin <= 0:
+            raise ValueError(f"PairwiseKLLoss: margin must be positive and finite. Received: margin={margin}")
+        self.margin = margin
+        self.from_logits = bool(from_logits)
+        self.check_finite = bool(check_finite)
+
+    def call(self, y_true, y_pred):
+        if self.check_finite:
+            _check_finite(y_pred)
+        return pairwise_kl_loss(y_true, y_pred, margin=self.margin, from_logits=self.from_logits)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(margin=self.margin, from_logits=self.from_logits, check_finite=self.check_finite)
+        return config

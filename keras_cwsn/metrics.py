@@ -1,0 +1,146 @@
+"""Clustering metrics (Hungarian accuracy, NMI, purity) and a callback that logs them every epoch.
+
+Metrics are NumPy/SciPy/scikit-learn on `predict()` output, outside the graph.
+"""
+
+import keras
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
+
+NMI_AVERAGE = "arithmetic"  # scikit-learn's default: I(Y;C) / mean(H(Y), H(C)); stated in the README
+
+
+def _as_labels(y_true, y_cluster):
+    y_true = np.asarray(y_true).reshape(-1)
+    y_cluster = np.asarray(y_cluster).reshape(-1)
+    if y_true.shape != y_cluster.shape:
+        raise ValueError(f"y_true and y_cluster differ in length: {y_true.shape[0]} vs {y_cluster.shape[0]}.")
+    if y_true.size == 0:
+        raise ValueError("Clustering metrics need at least one example; received empty arrays.")
+    for name, y in (("y_true", y_true), ("y_cluster", y_cluster)):
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise ValueError(f"{name} must hold non-negative integer labels; received dtype {y.dtype}, min {y.min()}.")
+    return y_true, y_cluster
+
+
+def hungarian_mapping(y_true, y_cluster, num_clusters=None, num_classes=None):
+    """Cluster -> class map maximising matches (Hungarian on the class x cluster confusion matrix).
+
+    Fit it on the training split and reuse it on the test split. With more clusters than classes,
+    the clusters left unmatched by the one-to-one assignment are mapped to their majority class.
+
+    Returns:
+        int64 array of length `num_clusters` (default: max cluster id + 1): class of each cluster.
+    """
+    y_true, y_cluster = _as_labels(y_true, y_cluster)
+    num_clusters = int(max(num_clusters or 0, y_cluster.max() + 1))
+    num_classes = int(max(num_classes or 0, y_true.max() + 1))
+    counts = np.zeros((num_classes, num_clusters), dtype=np.int64)
+    np.add.at(counts, (y_true, y_cluster), 1)
+    class_idx, cluster_idx = linear_sum_assignment(-counts)
+    mapping = counts.argmax(axis=0).astype(np.int64)  # majority class, for unmatched clusters
+    mapping[cluster_idx] = class_idx
+    return mapping
+
+
+def map_clusters(y_cluster, mapping):
+    """Apply a cluster -> class map; clusters it doesn't know raise an error naming them."""
+    y_cluster = np.asarray(y_cluster).reshape(-1)
+    unknown = np.unique(y_cluster[(y_cluster < 0) | (y_cluster >= len(mapping))])
+    if unknown.size:
+        raise ValueError(f"Cluster ids {unknown.tolist()} are not in the mapping (it has {len(mapping)} clusters).")
+    return np.asarray(mapping)[y_cluster]
+
+
+def cluster_accuracy(y_true, y_cluster, mapping=None):
+    """Fraction of examples whose cluster maps to their class (Hungarian mapping fitted here if not given)."""
+    y_true, y_cluster = _as_labels(y_true, y_cluster)
+    if mapping is None:
+        mapping = hungarian_mapping(y_true, y_cluster)
+    return float(np.mean(map_clusters(y_cluster, mapping) == y_true))
+
+
+def nmi(y_true, y_cluster):
+    """Normalised mutual information, arithmetic-mean normalisation (scikit-learn's default)."""
+    y_true, y_cluster = _as_labels(y_true, y_cluster)
+    return float(normalized_mutual_info_score(y_true, y_cluster, average_method=NMI_AVERAGE))
+
+
+def purity(y_true, y_cluster):
+    """Fraction of examples that belong to their cluster's majority class."""
+    y_true, y_cluster = _as_labels(y_true, y_cluster)
+    return float(contingency_matrix(y_true, y_cluster).max(axis=0).sum() / y_true.size)
+
+
+def clustering_report(y_true, y_cluster, mapping=None):
+    """All clustering figures as a dict: cluster_accuracy, nmi, purity."""
+    return {
+        "cluster_accuracy": cluster_accuracy(y_true, y_cluster, mapping),
+        "nmi": nmi(y_true, y_cluster),
+        "purity": purity(y_true, y_cluster),
+    }
+
+
+def predict_clusters(model, data, output="fine_fc3", batch_size=256):
+    """Cluster id (argmax of the named output) for every example of `data` (array or dataset of images)."""
+    predictions = model.predict(data, batch_size=batch_size if not _is_dataset(data) else None, verbose=0)
+    if isinstance(predictions, dict):
+        if output not in predictions:
+            raise ValueError(f"Model has no output {output!r}; outputs: {sorted(predictions)}.")
+        predictions = predictions[output]
+    return np.argmax(predictions, axis=-1)
+
+
+def _is_dataset(data):
+    return not isinstance(data, np.ndarray)
+
+
+class ClusteringMetrics(keras.callbacks.Callback):
+    """Put clustering accuracy, NMI and purity of one output into the epoch logs.
+
+    Placed before TensorBoard/CSVLogger in the callback list, the figures reach them and History.
+
+    Args:
+        images: array (N, H, W, 3) or a dataset yielding image batches (no labels).
+        labels: int array (N,). Labels at the output's hierarchy level.
+        output: str. Model output to cluster by (argmax). Defaults to `"fine_fc3"`.
+        prefix: str. Prefix of the log keys, e.g. `"val_"`. Defaults to `"val_"`.
+        every: int. Compute every this many epochs (and at the last). Defaults to 1.
+        mapping_images, mapping_labels: optional data on which the Hungarian mapping is fitted
+            (the training split); by default it is fitted on the evaluated data itself.
+    """
+
+    def __init__(self, images, labels, output="fine_fc3", prefix="val_", every=1, mapping_images=None,
+                 mapping_labels=None, batch_size=256):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1. Received: every={every}")
+        self.images, self.labels = images, np.asarray(labels).astype(np.int64)
+        self.output, self.prefix, self.every = output, prefix, int(every)
+        self.mapping_images, self.mapping_labels = mapping_images, mapping_labels
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self.params and epoch + 1 == self.params.get("epochs")
+        if logs is None or ((epoch + 1) % self.every and not last):
+            return
+        clusters = predict_clusters(self.model, self.images, self.output, self.batch_size)
+        mapping = None
+        if self.mapping_images is not None:
+            train_clusters = predict_clusters(self.model, self.mapping_images, self.output, self.batch_size)
+            mapping = hungarian_mapping(self.mapping_labels, train_clusters, num_clusters=None)
+            mapping = _extend(mapping, clusters)
+        for key, value in clustering_report(self.labels, clusters, mapping).items():
+            logs[self.prefix + key] = value
+
+
+def _extend(mapping, clusters):
+    """Map clusters never seen when fitting the mapping to class -1, so they count as errors instead of crashing."""
+    size = int(max(len(mapping), np.max(clusters) + 1))
+    extended = np.zeros(size, dtype=np.int64)
+    extended[: len(mapping)] = mapping
+    if size > len(mapping):
+        extended[len(mapping):] = -1
+    return extended

@@ -1,0 +1,200 @@
+"""Tests for keras_cwsn.metrics: hand-made clusterings with known answers, and the callback in fit."""
+
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
+from keras_cwsn.metrics import (  # noqa: E402
+    ClusteringMetrics,
+    cluster_accuracy,
+    clustering_report,
+    hungarian_mapping,
+    map_clusters,
+    nmi,
+    purity,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Hand-made cases
+# ---------------------------------------------------------------------------------------------
+
+
+def test_permuted_perfect_clustering_scores_one():
+    y_true = np.array([0, 0, 1, 1, 2, 2, 2])
+    y_cluster = np.array([2, 2, 0, 0, 1, 1, 1])  # cluster 0 is class 1, 1 is 2, 2 is 0
+    np.testing.assert_array_equal(hungarian_mapping(y_true, y_cluster), [1, 2, 0])
+    assert cluster_accuracy(y_true, y_cluster) == 1.0
+    assert purity(y_true, y_cluster) == 1.0
+    assert nmi(y_true, y_cluster) == pytest.approx(1.0)
+    assert clustering_report(y_true, y_cluster) == pytest.approx(
+        {"cluster_accuracy": 1.0, "nmi": 1.0, "purity": 1.0})
+
+
+def test_hand_computed_purity_accuracy_and_nmi():
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_cluster = [0, 0, 1, 1, 1, 1]
+    # Contingency (class x cluster): class 0 -> (2, 1), class 1 -> (0, 2), class 2 -> (0, 1).
+    # Purity: cluster 0's majority is class 0 (2), cluster 1's is class 1 (2): 4 / 6.
+    assert purity(y_true, y_cluster) == pytest.approx(4 / 6)
+    # Hungarian: cluster 0 -> class 0, cluster 1 -> class 1: 4 / 6 right.
+    np.testing.assert_array_equal(hungarian_mapping(y_true, y_cluster), [0, 1])
+    assert cluster_accuracy(y_true, y_cluster) == pytest.approx(4 / 6)
+    # NMI with arithmetic averaging: I(Y; C) / ((H(Y) + H(C)) / 2), natural logs.
+    h_y = -(3 / 6 * math.log(3 / 6) + 2 / 6 * math.log(2 / 6) + 1 / 6 * math.log(1 / 6))
+    h_c = -(2 / 6 * math.log(2 / 6) + 4 / 6 * math.log(4 / 6))
+    mutual = (2 / 6 * math.log((2 / 6) / (3 / 6 * 2 / 6))     # class 0, cluster 0
+              + 1 / 6 * math.log((1 / 6) / (3 / 6 * 4 / 6))   # class 0, cluster 1
+              + 2 / 6 * math.log((2 / 6) / (2 / 6 * 4 / 6))   # class 1, cluster 1
+              + 1 / 6 * math.log((1 / 6) / (1 / 6 * 4 / 6)))  # class 2, cluster 1
+    expected = mutual / ((h_y + h_c) / 2)
+    assert 0.0 < expected < 1.0
+    assert nmi(y_true, y_cluster) == pytest.approx(expected, rel=1e-12)
+
+
+def test_single_cluster_has_zero_nmi_and_majority_purity():
+    y_true = [0, 1, 1, 1]
+    y_cluster = [0, 0, 0, 0]
+    assert nmi(y_true, y_cluster) == pytest.approx(0.0)
+    assert purity(y_true, y_cluster) == pytest.approx(3 / 4)
+    assert cluster_accuracy(y_true, y_cluster) == pytest.approx(3 / 4)
+
+
+def test_mapping_fitted_on_train_is_reused_on_test():
+    train_true, train_cluster = [0, 0, 1, 1], [1, 1, 0, 0]
+    mapping = hungarian_mapping(train_true, train_cluster)
+    np.testing.assert_array_equal(mapping, [1, 0])
+    test_true, test_cluster = [0, 1, 1], [0, 0, 1]
+    # With the train mapping, clusters (0, 0, 1) read as classes (1, 1, 0): one right out of three.
+    np.testing.assert_array_equal(map_clusters(test_cluster, mapping), [1, 1, 0])
+    assert cluster_accuracy(test_true, test_cluster, mapping=mapping) == pytest.approx(1 / 3)
+    # Fitting the mapping on the test split itself would flatter it (2 / 3): not what we report.
+    assert cluster_accuracy(test_true, test_cluster) == pytest.approx(2 / 3)
+    report = clustering_report(test_true, test_cluster, mapping=mapping)
+    assert report["cluster_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_more_clusters_than_classes_map_unmatched_clusters_to_their_majority():
+    y_true = [0, 0, 0, 1, 1, 1, 1, 1, 0]
+    y_cluster = [0, 0, 1, 2, 2, 2, 3, 3, 3]
+    # One-to-one: class 0 <- cluster 0, class 1 <- cluster 2. Unmatched: cluster 1 (all class 0)
+    # and cluster 3 (two of class 1, one of class 0) take their majority class.
+    mapping = hungarian_mapping(y_true, y_cluster)
+    np.testing.assert_array_equal(mapping, [0, 0, 1, 1])
+    assert mapping.dtype == np.int64
+    assert cluster_accuracy(y_true, y_cluster) == pytest.approx(8 / 9)
+    assert purity(y_true, y_cluster) == pytest.approx(8 / 9)
+    assert len(hungarian_mapping(y_true, y_cluster, num_clusters=6)) == 6
+
+
+def test_more_classes_than_clusters():
+    y_true = [0, 1, 2, 2]
+    y_cluster = [0, 0, 1, 1]
+    mapping = hungarian_mapping(y_true, y_cluster)
+    assert mapping[1] == 2 and mapping[0] in (0, 1)
+    assert cluster_accuracy(y_true, y_cluster) == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize("metric", [cluster_accuracy, nmi, purity, hungarian_mapping, clustering_report])
+def test_bad_labels_raise(metric):
+    with pytest.raises(ValueError, match="differ in length"):
+        metric([0, 1, 1], [0, 1])
+    with pytest.raises(ValueError, match="at least one example"):
+        metric([], [])
+    with pytest.raises(ValueError, match="non-negative integer"):
+        metric([0, -1, 1], [0, 1, 1])
+    with pytest.raises(ValueError, match="non-negative integer"):
+        metric([0, 1, 1], [0, 1, -2])
+    with pytest.raises(ValueError, match="non-negative integer"):
+        metric([0.0, 1.5, 1.0], [0, 1, 1])
+
+
+def test_mapping_that_misses_a_cluster_raises():
+    with pytest.raises(ValueError, match=r"Cluster ids \[3\] are not in the mapping"):
+        cluster_accuracy([0, 1, 1], [0, 1, 3], mapping=np.array([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# ClusteringMetrics callback
+# ---------------------------------------------------------------------------------------------
+
+KEYS = ("val_cluster_accuracy", "val_nmi", "val_purity")
+
+
+def _tiny_clusterer(num_clusters=3):
+    inputs = keras.Input((6,), name="image")
+    hidden = keras.layers.Dense(8, activation="relu", name="fc2")(inputs)
+    logits = keras.layers.Dense(num_clusters, name="fc3")(hidden)
+    model = keras.Model(inputs, {"fine_fc3": logits})
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss={"fine_fc3": PairwiseKLLoss()})
+    return model
+
+
+def _data(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 6)).astype(np.float32), rng.integers(0, 3, size=n)
+
+
+class _LogKeys(keras.callbacks.Callback):
+    """Records which keys each epoch's logs held (placed after ClusteringMetrics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.keys.append(set(logs or {}))
+
+
+def test_callback_logs_figures_into_history():
+    keras.utils.set_random_seed(0)
+    x, y = _data()
+    x_val, y_val = _data(12, seed=1)
+    model = _tiny_clusterer()
+    history = model.fit(x, {"fine_fc3": y}, epochs=1, batch_size=8, verbose=0,
+                        callbacks=[ClusteringMetrics(x_val, y_val)])
+    for key in KEYS:
+        assert key in history.history, sorted(history.history)
+        assert len(history.history[key]) == 1 and 0.0 <= history.history[key][0] <= 1.0
+    clusters = np.argmax(model.predict(x_val, verbose=0)["fine_fc3"], axis=-1)
+    expected = clustering_report(y_val, clusters)
+    for name, value in expected.items():
+        assert history.history["val_" + name][0] == pytest.approx(value)
+
+
+def test_callback_every_skips_epochs_but_computes_the_last():
+    keras.utils.set_random_seed(0)
+    x, y = _data()
+    model = _tiny_clusterer()
+    recorder = _LogKeys()
+    history = model.fit(x, {"fine_fc3": y}, epochs=3, batch_size=8, verbose=0,
+                        callbacks=[ClusteringMetrics(x, y, every=2, prefix="train_"), recorder])
+    present = [all("train_" + k[4:] in keys for k in KEYS) for keys in recorder.keys]
+    assert present == [False, True, True]  # epoch 1 skipped, epoch 2 (every 2nd), epoch 3 (the last)
+    assert len(history.history["train_nmi"]) == 2
+
+
+def test_callback_mapping_fitted_on_training_data():
+    keras.utils.set_random_seed(0)
+    x, y = _data()
+    x_val, y_val = _data(12, seed=1)
+    model = _tiny_clusterer()
+    history = model.fit(x, {"fine_fc3": y}, epochs=1, batch_size=8, verbose=0,
+                        callbacks=[ClusteringMetrics(x_val, y_val, mapping_images=x, mapping_labels=y)])
+    train_clusters = np.argmax(model.predict(x, verbose=0)["fine_fc3"], axis=-1)
+    val_clusters = np.argmax(model.predict(x_val, verbose=0)["fine_fc3"], axis=-1)
+    assert set(val_clusters) <= set(train_clusters)  # else the callback scores unseen clusters as errors
+    mapping = hungarian_mapping(y, train_clusters)
+    expected = np.mean(mapping[val_clusters] == y_val)
+    assert history.history["val_cluster_accuracy"][0] == pytest.approx(expected)
+
+
+def test_callback_rejects_bad_every():
+    x, y = _data(4)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        ClusteringMetrics(x, y, every=0)

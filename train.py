@@ -1,0 +1,107 @@
+"""Cluster-based Warm-Start Nets: `python train.py --dataset birdsnap34 --variant D`.
+
+Parses the command line, resolves the config (file + flags), and calls `keras_cwsn.training`.
+Every error a user can cause exits with status 2 and one line on stderr.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, default), cifar10, cifar100, birdsnap34, birdsnap")
+    p.add_argument("--variant", default=None, help="A, B, C, D (clustering warm start) or ce (baseline); default: the config's")
+    p.add_argument("--config", default=None, help="config file (YAML/JSON); default: configs/<dataset>_<net>.yaml")
+    p.add_argument("--data-dir", default=None, help="dataset folder (CIFAR: DIR/train/<class>/*; Birdsnap: the download)")
+    p.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<variant>-<timestamp>")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2,3,4 (one sub-folder each)")
+    p.add_argument("--seed", type=int, default=None, help="a single seed")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of both phases")
+    p.add_argument("--cluster-epochs", type=int, default=None)
+    p.add_argument("--classify-epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of both phases")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate of both phases")
+    p.add_argument("--schedule-scale", type=float, default=None, help="scale epochs and LR milestones, in (0, 1]")
+    p.add_argument("--head", default=None, help="warm-start head: hungarian, copy or fresh")
+    p.add_argument("--double", action="store_true", default=None, help="double every width (Table 4)")
+    p.add_argument("--precision", default=None, help="float32, mixed_bfloat16 or mixed_float16")
+    p.add_argument("--xla", dest="xla", action="store_true", default=None, help="force XLA on (default: auto)")
+    p.add_argument("--no-xla", dest="xla", action="store_false", help="force XLA off")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set cluster.weight_decay=0.001 (value parsed as YAML)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    """Config file + command-line overrides -> validated config."""
+    import yaml
+
+    from keras_cwsn.config import ConfigError, load_config, set_value
+
+    config = load_config(args.config, dataset=None if args.config else args.dataset)
+    if args.config and args.dataset != "synthetic" and args.dataset != config["dataset"]:
+        config = set_value(config, "dataset", args.dataset)
+    flags = {"variant": args.variant, "data_dir": args.data_dir, "schedule_scale": args.schedule_scale,
+             "head": args.head, "double": args.double, "precision": args.precision, "xla": args.xla, "seed": args.seed}
+    for key, value in flags.items():
+        if value is not None:
+            config = set_value(config, key, value)
+    for phase in ("cluster", "classify"):
+        for key, value in {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr}.items():
+            if value is not None:
+                config = set_value(config, f"{phase}.{key}", value)
+    for phase, value in (("cluster", args.cluster_epochs), ("classify", args.classify_epochs)):
+        if value is not None:
+            config = set_value(config, f"{phase}.epochs", value)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE. Received: {item!r}")
+        key, value = item.split("=", 1)
+        config = set_value(config, key.strip(), yaml.safe_load(value))
+    return config
+
+
+def parse_seeds(args, config):
+    if args.seeds is None:
+        return [config["seed"]]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers. Received: {args.seeds!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must list distinct integers >= 0. Received: {args.seeds!r}")
+    return seeds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_cwsn.config import ConfigError
+    from keras_cwsn.data import DatasetUnavailableError
+    from keras_cwsn.data.folder import FolderError
+    from keras_cwsn.training import RunError, run_seeds
+
+    try:
+        config = resolve_config(args)
+        seeds = parse_seeds(args, config)
+        output_dir = args.output_dir or os.path.join(
+            "runs", f"{config['dataset']}-{config['variant']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_seeds(config, seeds, output_dir, overwrite=args.overwrite, quiet=args.quiet)
+    except (ConfigError, DatasetUnavailableError, FolderError, RunError, ValueError, FileNotFoundError,
+            PermissionError) as e:
+        print(f"error: {e}".splitlines()[0] if isinstance(e, (ConfigError, RunError)) else f"error: {e}",
+              file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only folder, ...
+        print(f"error: cannot write outputs: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
