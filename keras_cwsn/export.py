@@ -1,33 +1,118 @@
 """Export the fine-tuned classifier as a SavedModel whose signatures take what clients have.
 
-`serving_default` takes uint8 images (batch, H, W, 3) of any size; `serve_jpeg` takes encoded
-JPEG/PNG strings. Both resize and normalise in the graph, as the training pipeline does, and return
-probabilities, top-1 class ids and names, and the top-k ids and scores.
+Two signatures, both with the preprocessing inside the graph (no keras_cwsn code needed to serve):
+
+- `serving_default`: `images`, uint8 `(batch, height, width, channels)` of any size. Grey (1
+  channel) is repeated to RGB and RGBA (4) loses its alpha; other channel counts are refused.
+- `serve_jpeg`: `image_bytes`, a string vector of encoded images (JPEG, PNG, GIF, BMP or WebP; what
+  TF Serving's REST API receives as `{"b64": ...}`), decoded to RGB in the graph.
+
+Images not at the model's size are resized as the training pipeline resizes them (bilinear,
+antialiased; rounded to uint8 for the 32x32 datasets, whose training images are decoded uint8),
+then normalised by `keras_cwsn.data.preprocess.preprocess` with the training split's statistics.
+Both return `probabilities` (batch, classes), the top-1 `class_ids` and `class_names`, and
+`top_k_ids`, `top_k_scores`, `top_k_names` (batch, k) with k = min(top_k, classes).
+
+The folder also holds `assets/cwsn_model_info.json` (class names, dataset, variant, preprocessing,
+training figures), registered as a SavedModel asset so that it travels with the model, and the
+`fingerprint.pb` TensorFlow writes.
 """
 
 import json
 import os
 import shutil
+import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_cwsn.data import preprocess
+from keras_cwsn.models import CLASSIFIER_OUTPUT
 
 ASSET_FILE = "cwsn_model_info.json"
+SIGNATURES = ("serving_default", "serve_jpeg")
+INPUTS = {"serving_default": "images", "serve_jpeg": "image_bytes"}
+OUTPUTS = ("probabilities", "class_ids", "class_names", "top_k_ids", "top_k_scores", "top_k_names")
+# Leading bytes of the formats `tf.io.decode_image` reads; anything else is refused with a clear error.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")
+
+
+def _check_arguments(class_names, image_size, stats, top_k):
+    if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names) or len(class_names) < 2:
+        raise ValueError(f"class_names must be a sequence of at least 2 strings. Received: class_names={class_names!r}")
+    if (len(tuple(image_size)) != 2 or
+            not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in image_size)):
+        raise ValueError(f"image_size must be (height, width), two integers >= 1. Received: image_size={image_size!r}")
+    if not isinstance(stats, dict) or stats.get("normalization") not in preprocess.NORMALIZATIONS:
+        raise ValueError(f"stats must be a dict from `preprocessing_stats` whose 'normalization' is one of "
+                         f"{preprocess.NORMALIZATIONS}. Received: stats={stats!r}")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1. Received: top_k={top_k!r}")
 
 
 def build_serving_functions(classifier, class_names, image_size, stats, top_k=5):
-    """tf.functions for the two signatures (also usable without saving, e.g. in tests)."""
-    height, width = image_size
-    names = tf.constant(list(class_names))
-    k = min(int(top_k), len(class_names))
+    """Build the `tf.function`s behind the two signatures (also usable without saving).
 
-    def outputs(images_uint8):
-        images = tf.image.resize(tf.cast(images_uint8, tf.float32), (height, width), antialias=True)
-        images = tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8)  # as decoded training images
-        x = preprocess.preprocess(images, stats["normalization"], stats)
-        probabilities = tf.cast(classifier(x, training=False)["probabilities"], tf.float32)
+    Args:
+        classifier: `keras.Model`. The `ce` classifier: takes normalised images (batch, H, W, 3)
+            and returns `{"probabilities": (batch, classes)}` (or the probabilities alone).
+        class_names: sequence of str. Fine class names; index = class id.
+        image_size: tuple `(H, W)`. The classifier's input size.
+        stats: dict. The training split's normalisation (`keras_cwsn.data.preprocessing_stats`).
+        top_k: int. How many classes the `top_k_*` outputs hold (at most the number of
+            classes). Defaults to 5.
+
+    Returns:
+        `(serve_images, serve_jpeg)`: `tf.function`s with fixed input signatures, taking uint8
+        images `(batch, H', W', C)` and a string vector of encoded images, each returning the
+        dict of outputs described in this module's docstring.
+
+    Example:
+    ```python
+    serve_images, serve_jpeg = build_serving_functions(classifier, info.fine_names, (32, 32), stats)
+    serve_images(tf.zeros([2, 64, 48, 3], tf.uint8))["class_names"]  # shape (2,)
+    ```
+    """
+    _check_arguments(class_names, image_size, stats, top_k)
+    height, width = (int(s) for s in image_size)
+    num_classes = len(class_names)
+    names = tf.constant(list(class_names), tf.string)
+    k = min(int(top_k), num_classes)
+    # The 32x32 datasets' images are decoded uint8 (folders are resized then rounded); Birdsnap's
+    # variable-size images go to the network as the resize's float values.
+    round_resized = stats["normalization"] == "yuv"
+
+    def to_model_size(images):
+        """uint8 RGB (..., h, w, 3) -> float32 (..., H, W, 3) in [0, 255], resized only if needed."""
+        shape = tf.shape(images)
+        same = tf.logical_and(tf.equal(shape[-3], height), tf.equal(shape[-2], width))
+
+        def resize():
+            resized = preprocess.resize_images(tf.cast(images, tf.float32), (height, width))
+            resized = tf.clip_by_value(resized, 0.0, 255.0)
+            return tf.round(resized) if round_resized else resized
+
+        return tf.cond(same, lambda: tf.cast(images, tf.float32), resize)
+
+    def predict(images):
+        result = classifier(preprocess.preprocess(images, stats["normalization"], stats), training=False)
+        if isinstance(result, dict):
+            if CLASSIFIER_OUTPUT not in result:
+                raise ValueError(f"The classifier must output {CLASSIFIER_OUTPUT!r}. Received outputs: {sorted(result)}")
+            result = result[CLASSIFIER_OUTPUT]
+        probabilities = tf.cast(result, tf.float32)
+        if probabilities.shape.rank != 2 or probabilities.shape[-1] != num_classes:
+            raise ValueError(f"The classifier's probabilities must be (batch, {num_classes}) for {num_classes} "
+                             f"class names. Received shape: {probabilities.shape}")
+        return probabilities
+
+    def outputs(images):
+        """float32 RGB (batch, H, W, 3) in [0, 255] -> the signature outputs."""
+        images = tf.ensure_shape(images, [None, height, width, 3])
+        # An empty batch never reaches the network (TF's conv kernels mis-shape a batch of 0).
+        probabilities = tf.cond(tf.shape(images)[0] > 0, lambda: predict(images),
+                                lambda: tf.zeros([0, num_classes], tf.float32))
         top = tf.math.top_k(probabilities, k=k)
         class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {
@@ -36,47 +121,134 @@ def build_serving_functions(classifier, class_names, image_size, stats, top_k=5)
             "class_names": tf.gather(names, class_ids),
             "top_k_ids": top.indices,
             "top_k_scores": top.values,
+            "top_k_names": tf.gather(names, top.indices),
         }
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, name=INPUTS["serving_default"])])
     def serve_images(images):
-        channels = tf.shape(images)[-1]
-        tf.debugging.assert_rank(images, 4, message="images must be (batch, height, width, channels)")
-        tf.debugging.assert_equal(
-            tf.reduce_any(tf.equal(channels, [1, 3, 4])), True,
-            message="images must have 1 (grey), 3 (RGB) or 4 (RGBA) channels")
-        images = tf.case([(tf.equal(channels, 1), lambda: tf.image.grayscale_to_rgb(images[..., :1])),
-                          (tf.equal(channels, 4), lambda: images[..., :3])], default=lambda: images[..., :3])
-        images = tf.ensure_shape(images, [None, None, None, 3])
+        shape = tf.shape(images)
+        channels = shape[3]
+        channels_ok = tf.reduce_any(tf.equal(channels, [1, 3, 4]))
+        size_ok = tf.logical_or(tf.equal(shape[0], 0), tf.logical_and(shape[1] > 0, shape[2] > 0))
+        checks = [
+            tf.debugging.Assert(channels_ok, [tf.strings.format(
+                "serving_default takes uint8 images (batch, height, width, 3); 1 (grey) and 4 (RGBA) "
+                "channels are converted. Received {} channels: images of shape {}.", (channels, shape))]),
+            tf.debugging.Assert(size_ok, [tf.strings.format(
+                "serving_default takes images of at least 1x1 pixels. Received images of shape {}.", shape)]),
+        ]
+        with tf.control_dependencies(checks):
+            rgb = tf.cond(tf.equal(channels, 1),
+                          lambda: tf.tile(images[..., :1], [1, 1, 1, 3]),
+                          lambda: images[..., :3])
+        rgb = tf.ensure_shape(rgb, [None, None, None, 3])
+        fitted = tf.cond(tf.equal(shape[0], 0),
+                         lambda: tf.zeros([0, height, width, 3], tf.float32),
+                         lambda: to_model_size(rgb))
+        return outputs(fitted)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUTS["serve_jpeg"])])
+    def serve_jpeg(image_bytes):
+        count = tf.shape(image_bytes)[0]
+
+        def decode(args):
+            index, data = args
+            known = tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(data, 0, len(m)), m) for m in _IMAGE_MAGIC]))
+            check = tf.debugging.Assert(known, [tf.strings.format(
+                "serve_jpeg could not decode image {} of the batch of {} ({} bytes): not a JPEG, PNG, GIF, BMP "
+                "or WebP image.", (index, count, tf.strings.length(data)))])
+            with tf.control_dependencies([check]):
+                image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+            return to_model_size(tf.ensure_shape(image, [None, None, 3]))
+
+        images = tf.map_fn(decode, (tf.range(count), image_bytes),
+                           fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
         return outputs(images)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    def serve_jpeg(encoded):
-        def decode(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return tf.image.resize(image, (height, width), antialias=True)
-
-        images = tf.map_fn(decode, encoded, fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
-        return outputs(tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8))
 
     return serve_images, serve_jpeg
 
 
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def model_info(class_names, image_size, stats, metadata=None, top_k=5):
+    """The dict written to `assets/cwsn_model_info.json`: `metadata` plus what serving needs."""
+    k = min(int(top_k), len(class_names))
+    return dict(
+        metadata or {},
+        class_names=list(class_names),
+        num_classes=len(class_names),
+        image_size=[int(s) for s in image_size],
+        preprocessing=stats,
+        top_k=k,
+        signatures={
+            "serving_default": {"inputs": {INPUTS["serving_default"]: "uint8 (batch, height, width, 1|3|4)"}},
+            "serve_jpeg": {"inputs": {INPUTS["serve_jpeg"]: "string (batch,): encoded JPEG/PNG/GIF/BMP/WebP"}},
+            "outputs": {"probabilities": "float32 (batch, classes)", "class_ids": "int32 (batch,)",
+                        "class_names": "string (batch,)", "top_k_ids": f"int32 (batch, {k})",
+                        "top_k_scores": f"float32 (batch, {k})", "top_k_names": f"string (batch, {k})"},
+        },
+        versions={"tensorflow": tf.__version__, "keras": keras.__version__},
+    )
+
+
 def export_classifier(classifier, path, class_names, image_size, stats, metadata=None, top_k=5):
-    """Write the SavedModel to `path` atomically (a temporary folder renamed into place)."""
+    """Write the classifier as a servable SavedModel folder at `path`.
+
+    The folder is written next to `path` and renamed into place, so `path` never holds half a
+    model; an existing folder at `path` is replaced.
+
+    Args:
+        classifier: `keras.Model`. The fine-tuned `ce` classifier (normalised images in,
+            `{"probabilities": ...}` out).
+        path: str. The SavedModel folder to write (e.g. `<run>/classifier`).
+        class_names: sequence of str. Fine class names; index = class id.
+        image_size: tuple `(H, W)`. The classifier's input size.
+        stats: dict. The training split's normalisation (`keras_cwsn.data.preprocessing_stats`).
+        metadata: dict or None. Extra JSON-able facts for the asset file (dataset, variant,
+            training figures). Defaults to None.
+        top_k: int. Size of the `top_k_*` outputs (capped at the number of classes). Defaults to 5.
+
+    Returns:
+        str: `path`.
+
+    Example:
+    ```python
+    export_classifier(classifier, "runs/r/classifier", info.fine_names, (32, 32), stats,
+                      metadata={"dataset": "synthetic", "variant": "D"})
+    tf.saved_model.load("runs/r/classifier").signatures["serve_jpeg"](image_bytes=tf.constant([png]))
+    ```
+    """
     serve_images, serve_jpeg = build_serving_functions(classifier, class_names, image_size, stats, top_k)
-    archive = keras.export.ExportArchive()
-    archive.track(classifier)
-    archive.add_endpoint("serving_default", serve_images)
-    archive.add_endpoint("serve_jpeg", serve_jpeg)
+    path = os.fspath(path)
     tmp = f"{path}.tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    archive.write_out(tmp, verbose=False)
-    info = dict(metadata or {}, class_names=list(class_names), image_size=list(image_size), preprocessing=stats)
-    os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
-    with open(os.path.join(tmp, "assets", ASSET_FILE), "w") as f:
-        json.dump(info, f, indent=2)
+    with tempfile.TemporaryDirectory(prefix="cwsn-export-") as scratch:
+        info_path = os.path.join(scratch, ASSET_FILE)
+        with open(info_path, "w") as f:
+            json.dump(model_info(class_names, image_size, stats, metadata, top_k), f, indent=2, default=_jsonable)
+            f.write("\n")
+        # ExportArchive saves the TrackableResources it is given; a file-backed table is one, and
+        # its file becomes a registered SavedModel asset (copied to assets/, restored on load).
+        info_table = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(info_path, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+                                          tf.string, tf.lookup.TextFileIndex.WHOLE_LINE),
+            default_value="")
+        archive = keras.export.ExportArchive()
+        archive.track(classifier)
+        archive.track(info_table)
+        archive.add_endpoint("serving_default", serve_images)
+        archive.add_endpoint("serve_jpeg", serve_jpeg)
+        archive.write_out(tmp, verbose=False)
+        if not os.path.isfile(os.path.join(tmp, "assets", ASSET_FILE)):  # never left out, whatever TF does
+            os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
+            shutil.copyfile(info_path, os.path.join(tmp, "assets", ASSET_FILE))
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -1,5 +1,6 @@
 """Birdsnap TFDS builder on a small fake download with Birdsnap's real layout."""
 
+import contextlib
 import glob
 import io
 import json
@@ -85,8 +86,6 @@ def prepared(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     make_fake_birdsnap(manual_dir)
     capture = io.StringIO()
-    import contextlib
-
     with contextlib.redirect_stdout(capture):
         birdsnap.prepare_birdsnap("birdsnap34", data_dir=data_dir, manual_dir=manual_dir)
     return manual_dir, data_dir, capture.getvalue()
@@ -230,3 +229,23 @@ def test_birdsnap500_includes_other_species(prepared, tmp_path):
     report = birdsnap.read_preparation_report("birdsnap500", data_dir=str(tmp_path / "tfds500"))
     assert report["splits"]["train"]["examples_written"] == 16
     assert json.dumps(report)  # Plain JSON types only.
+
+
+def test_split_without_any_usable_image_fails_clearly(tmp_path):
+    manual_dir = tmp_path / "download"
+    manual_dir.mkdir()
+    make_fake_birdsnap(str(manual_dir))
+    (manual_dir / "test_images.txt").write_text("path\nBrant/not_downloaded.jpg\n")
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(birdsnap.BirdsnapNotFoundError, match="No usable image for split 'test'"):
+        birdsnap.prepare_birdsnap("birdsnap34", data_dir=str(data_dir), manual_dir=str(manual_dir))
+    assert not birdsnap.birdsnap_builder("birdsnap34", data_dir=str(data_dir)).is_prepared()
+
+
+def test_labels_without_decoding_match_dataset_order(prepared):
+    manual_dir, data_dir, _ = prepared
+    for split in ("train", "test"):
+        ds, _ = birdsnap.load_birdsnap("birdsnap34", split, data_dir=data_dir)
+        labels = birdsnap.load_birdsnap_labels("birdsnap34", split, data_dir=data_dir)
+        assert labels.dtype == np.int64
+        assert labels.tolist() == [int(f) for _, f, _ in ds.as_numpy_iterator()]

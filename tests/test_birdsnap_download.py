@@ -11,8 +11,8 @@ import pytest
 
 from keras_cwsn.data import birdsnap
 
-SLOW_SECONDS = 1.0
-TIMEOUT = 0.3  # First request of the slow file times out; its retry is answered at once.
+SLOW_SECONDS = 1.5
+TIMEOUT = 0.5  # First request of the slow file times out; its retry is answered at once.
 
 
 def _md5(data):
@@ -198,23 +198,20 @@ def test_download_all_ok_without_subset(server, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "extra, needle",
+    "change, needle",
     [
-        (["--images-file", "MISSING"], "images file not found"),
-        (["--workers", "0"], "workers"),
-        (["--subset", "birdsnap35"], "birdsnap35"),
-        (["--timeout", "0"], "timeout"),
+        ({"--images-file": "/nonexistent/birdsnap/images.txt"}, "images file not found"),
+        ({"--workers": "0"}, "workers must be >= 1"),
+        ({"--subset": "birdsnap35"}, "birdsnap35"),
+        ({"--timeout": "0"}, "timeout must be > 0"),
     ],
 )
-def test_bad_arguments_exit_2(tmp_path, capsys, extra, needle):
+def test_bad_arguments_exit_2(tmp_path, capsys, change, needle):
     images_file = tmp_path / "images.txt"
     images_file.write_text("url\tmd5\tpath\tspecies_id\n")
-    argv = ["download", "--images-file", str(images_file), "--out", str(tmp_path / "out"), "--no-progress"]
-    for i in range(0, len(extra), 2):
-        if extra[i] in argv:
-            argv[argv.index(extra[i]) + 1] = str(tmp_path / extra[i + 1]) if extra[i + 1] == "MISSING" else extra[i + 1]
-        else:
-            argv += extra[i : i + 2]
+    options = {"--images-file": str(images_file), "--out": str(tmp_path / "out")}
+    options.update(change)
+    argv = ["download", "--no-progress"] + [x for item in options.items() for x in item]
     assert birdsnap.main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

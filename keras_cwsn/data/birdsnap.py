@@ -406,6 +406,13 @@ def _define_builder():
                     "coarse": fine_to_coarse[fine],
                     "file_name": rel,
                 }
+            if not written:
+                raise BirdsnapNotFoundError(
+                    f"No usable image for split {split!r} of {self.builder_config.name} in "
+                    f"{os.path.join(manual_dir, 'images')}: {len(paths)} listed, {len(missing)} "
+                    f"missing, {len(corrupt)} undecodable. Is the download complete? Rerun "
+                    "`python -m keras_cwsn.data.birdsnap download ...` and check its failed.tsv."
+                )
             names = sorted(fine_index, key=fine_index.get)
             self._preparation_report["splits"][split] = {
                 "examples_written": written,
@@ -567,6 +574,28 @@ def load_birdsnap(config_name="birdsnap34", split="train", data_dir=None, manual
     return dataset, birdsnap_dataset_info(config_name, num_examples)
 
 
+def load_birdsnap_labels(config_name="birdsnap34", split="train", data_dir=None, manual_dir=None):
+    """Fine labels of a Birdsnap split in `load_birdsnap`'s order, without decoding images.
+
+    Args:
+        config_name: str. `"birdsnap34"` or `"birdsnap500"`.
+        split: str. As in `load_birdsnap`.
+        data_dir: optional TFDS data dir; default `~/.cache/keras_cwsn/tfds`.
+        manual_dir: optional folder of the Birdsnap download (only read to prepare).
+
+    Returns:
+        int64 NumPy array of fine labels (coarse ones: `info.coarse_of(labels)`).
+    """
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    builder = prepare_birdsnap(config_name, data_dir=data_dir, manual_dir=manual_dir)
+    dataset = builder.as_dataset(
+        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    return np.fromiter(dataset.map(lambda ex: ex["fine"]).as_numpy_iterator(), dtype=np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Downloader.
 
@@ -656,7 +685,7 @@ def _describe(error):
 
 def _download_one(url, dest, md5, retries, timeout, backoff_base):
     """Returns "ok" (already there) or "downloaded", or raises with the last failure."""
-    if md5 and os.path.isfile(dest) and _md5_of(dest) == md5.lower():
+    if os.path.isfile(dest) and (not md5 or _md5_of(dest) == md5.lower()):
         return "ok"
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):

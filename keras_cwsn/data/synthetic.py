@@ -1,9 +1,10 @@
 """The embedded dataset: procedurally drawn 32x32 RGB images with a real two-level hierarchy.
 
 Coarse classes are pattern families (stripes, rings, checks, spots) and the fine classes inside
-a family share that pattern, differing in its orientation or frequency, so coarse similarity is
-visual similarity. Colours, phases and positions are random per image; it is deterministic from
-its seed and needs no download.
+a family share that pattern, differing in its orientation or frequency and in the colour of the
+foreground (the k-th fine class of every family shares a hue), so coarse similarity is visual
+similarity and a fine class needs both cues. Phases, positions, colour jitter and background are
+random per image; it is deterministic from its seed and needs no download.
 """
 
 import numpy as np
@@ -12,6 +13,7 @@ from keras_cwsn.data.info import DatasetInfo
 
 PATTERNS = ("stripes", "rings", "checks", "spots")
 SIZE = 32
+HUES = np.array([[0.95, 0.3, 0.2], [0.25, 0.9, 0.3], [0.3, 0.4, 0.95], [0.95, 0.9, 0.25], [0.85, 0.3, 0.9]])
 
 
 def synthetic_info(num_coarse=3, fine_per_coarse=3, num_examples=None):
@@ -71,8 +73,8 @@ def make_synthetic(num_examples, seed=0, num_coarse=3, fine_per_coarse=3, noise=
         idx = np.flatnonzero(labels == fine)
         coarse, k = divmod(fine, fine_per_coarse)
         grey = _pattern(PATTERNS[coarse], k, idx.size, rng)
-        fg = rng.uniform(0.2, 1.0, (idx.size, 1, 1, 3))  # random colours: colour is no cue
-        bg = rng.uniform(0.0, 0.8, (idx.size, 1, 1, 3))
+        fg = np.clip(HUES[k] + rng.normal(0, 0.12, (idx.size, 1, 1, 3)), 0, 1)
+        bg = rng.uniform(0.0, 0.5, (idx.size, 1, 1, 3))
         mix = (grey[..., None] + 1) / 2
         images[idx] = mix * fg + (1 - mix) * bg
     images += rng.normal(0, noise, images.shape)

@@ -1,0 +1,256 @@
+"""One entry point for every dataset: raw splits in, batched `(image, {output: labels})` tf.data out.
+
+Sources: `synthetic` (embedded, no download), `cifar10` / `cifar100` (a local folder of class
+sub-folders via `data_dir`, else TFDS), `birdsnap34` / `birdsnap` (TFDS builder over a manual
+download). The hierarchies are tables in `keras_cwsn/data/tables/`.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from keras_cwsn.data import folder, preprocess
+from keras_cwsn.data.info import TABLES_DIR, DatasetInfo, read_hierarchy_table
+from keras_cwsn.data.synthetic import make_synthetic, synthetic_info
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "birdsnap34", "birdsnap")
+SPLITS = ("train", "val", "test")
+
+
+class DatasetUnavailableError(ValueError):
+    """A dataset that can't be loaded here (no download, no folder): the message says what to do."""
+
+
+@dataclasses.dataclass
+class Split:
+    """One split of one dataset, before preprocessing.
+
+    Attributes:
+        dataset: unbatched `tf.data.Dataset` of (uint8 image (H, W, 3), int64 fine label).
+        labels: int64 array of the fine labels, in dataset order.
+        info: DatasetInfo.
+        images: uint8 array (N, H, W, 3) for in-memory sources, else None.
+        report: what loading skipped and why (files, counts).
+    """
+
+    name: str
+    split: str
+    dataset: object
+    labels: np.ndarray
+    info: DatasetInfo
+    images: object = None
+    report: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def dataset_info(name):
+    """DatasetInfo (class names, hierarchy) of a named dataset without loading any image."""
+    if name == "synthetic":
+        return synthetic_info()
+    if name in ("cifar10", "cifar100"):
+        fine, coarse, f2c, _ = read_hierarchy_table(os.path.join(TABLES_DIR, f"{name}.tsv"), "fine", "coarse")
+        return DatasetInfo(name, fine, coarse, f2c, image_size=(32, 32), normalization="yuv")
+    if name in ("birdsnap34", "birdsnap"):
+        table = "birdsnap34.tsv" if name == "birdsnap34" else "birdsnap500.tsv"
+        fine, coarse, f2c, _ = read_hierarchy_table(os.path.join(TABLES_DIR, table), "dir", "family")
+        return DatasetInfo(name, fine, coarse, f2c, image_size=(224, 224), normalization="imagenet")
+    raise DatasetUnavailableError(f"Unknown dataset. Expected one of {', '.join(DATASETS)}. Received: {name!r}")
+
+
+def load_split(name, split, data_dir=None, val_per_class=500, synthetic=None, cache_dir=None, verbose=True):
+    """Load one split of a dataset as a `Split` (images not yet preprocessed).
+
+    Args:
+        name: str. One of `DATASETS`.
+        split: str. `"train"`, `"val"` (held out from the training images) or `"test"`.
+        data_dir: str or None. Local folder (`train/<class>/*`, optional `test/<class>/*`) for
+            CIFAR; the Birdsnap download folder for Birdsnap. Defaults to None (TFDS / default dir).
+        val_per_class: int. Images per class held out of `train/` as `val` (the last ones by file
+            name). Defaults to 500.
+        synthetic: dict or None. `train_size`, `eval_size`, `num_coarse`, `fine_per_coarse`, `data_seed`.
+        cache_dir: str or None. Where decoded folders and statistics are cached.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split. Expected one of {', '.join(SPLITS)}. Received: split={split!r}")
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DatasetUnavailableError(f"--data-dir {data_dir!r} does not exist or is not a folder.")
+    if name == "synthetic":
+        return _synthetic_split(split, synthetic or {})
+    info = dataset_info(name)
+    if name in ("cifar10", "cifar100"):
+        if data_dir is not None:
+            return _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose)
+        return _tfds_cifar_split(name, split, info, val_per_class)
+    return _birdsnap_split(name, split, data_dir, info)
+
+
+def _from_arrays(name, split, images, labels, info, report=None):
+    info = dataclasses.replace(info, num_examples={split: int(len(labels))})
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    return Split(name, split, dataset, np.asarray(labels, np.int64), info, images, report or {})
+
+
+def _synthetic_split(split, options):
+    allowed = {"train_size", "eval_size", "num_coarse", "fine_per_coarse", "data_seed", "noise"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"Unknown synthetic option(s) {sorted(unknown)}; expected {sorted(allowed)}.")
+    size = options.get("train_size", 3000) if split == "train" else options.get("eval_size", 600)
+    seed = options.get("data_seed", 0) * 3 + SPLITS.index(split)  # disjoint draws per split
+    images, labels, info = make_synthetic(
+        size, seed=seed, num_coarse=options.get("num_coarse", 3),
+        fine_per_coarse=options.get("fine_per_coarse", 3), noise=options.get("noise", 0.25))
+    return _from_arrays("synthetic", split, images, labels, info)
+
+
+def _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose):
+    if split == "test":
+        images, labels, report = folder.load_folder_split(data_dir, "test", info.fine_names, info.image_size,
+                                                          cache_dir, verbose)
+        return _from_arrays(name, split, images, labels, info, report)
+    if os.path.isdir(os.path.join(data_dir, "val")):
+        folder_name = "train" if split == "train" else "val"
+        images, labels, report = folder.load_folder_split(data_dir, folder_name, info.fine_names,
+                                                          info.image_size, cache_dir, verbose)
+        return _from_arrays(name, split, images, labels, info, report)
+    images, labels, report = folder.load_folder_split(data_dir, "train", info.fine_names, info.image_size,
+                                                      cache_dir, verbose)
+    held_out = holdout_mask(labels, val_per_class)
+    keep = held_out if split == "val" else ~held_out
+    report = dict(report, held_out_per_class=val_per_class)
+    return _from_arrays(name, split, images[keep], labels[keep], info, report)
+
+
+def holdout_mask(labels, per_class):
+    """Boolean mask of the last `per_class` examples of each class (in file-name order)."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if per_class >= len(idx):
+            raise ValueError(f"Cannot hold out {per_class} images of class {c}: it has only {len(idx)}.")
+        mask[idx[len(idx) - per_class:]] = True
+    return mask
+
+
+def _tfds_cifar_split(name, split, info, val_per_class):
+    import tensorflow_datasets as tfds
+
+    try:
+        data = tfds.load(name, split="test" if split == "test" else "train", batch_size=-1, as_supervised=True)
+    except Exception as e:  # TFDS raises many kinds (network, checksum, missing files)
+        raise DatasetUnavailableError(
+            f"Could not load {name} from TFDS ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Without internet, pass --data-dir DIR with DIR/train/<class>/*.jpg "
+            f"(e.g. unpack ../shared/data/cifar10/cifar10-train-jpg.tar.gz)."
+        ) from None
+    images, labels = (np.asarray(a) for a in tfds.as_numpy(data))
+    labels = labels.astype(np.int64)
+    if split != "test":
+        held_out = holdout_mask(labels, val_per_class)
+        keep = held_out if split == "val" else ~held_out
+        images, labels = images[keep], labels[keep]
+    return _from_arrays(name, split, images, labels, info)
+
+
+def _birdsnap_split(name, split, data_dir, info):
+    from keras_cwsn.data import birdsnap
+
+    config = "birdsnap34" if name == "birdsnap34" else "birdsnap500"
+    if split == "val":
+        raise ValueError("Birdsnap has no held-out val split: use its official test split (eval_split: test).")
+    kwargs = {"manual_dir": data_dir} if data_dir else {}
+    try:
+        raw, loaded_info = birdsnap.load_birdsnap(config, split, **kwargs)
+    except birdsnap.BirdsnapNotFoundError as e:
+        raise DatasetUnavailableError(str(e)) from None
+    dataset = raw.map(lambda image, fine, coarse: (image, fine), num_parallel_calls=tf.data.AUTOTUNE)
+    labels = birdsnap.load_birdsnap_labels(config, split, **kwargs)  # same order, images not decoded
+    return Split(name, split, dataset, labels, dataclasses.replace(loaded_info, name=name))
+
+
+def preprocessing_stats(train, cache_dir=None, verbose=True):
+    """Normalisation constants from the training split: U, V mean/std for "yuv" (cached), ImageNet's else."""
+    info = train.info
+    if info.normalization == "imagenet":
+        return {"normalization": "imagenet", "mean": list(preprocess.IMAGENET_MEAN), "std": list(preprocess.IMAGENET_STD)}
+    key = hashlib.sha1(np.ascontiguousarray(train.labels).tobytes())
+    if train.images is not None:
+        key.update(np.ascontiguousarray(train.images[:: max(1, len(train) // 512)]).tobytes())
+    path = os.path.join(cache_dir or folder.default_cache_dir(), "stats", f"{train.name}-{key.hexdigest()[:20]}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    batches = (b for b in train.dataset.map(lambda image, label: image).batch(2048).as_numpy_iterator())
+    stats = dict(preprocess.compute_uv_stats(batches), normalization="yuv")
+    if verbose:
+        print(f"[data] {train.name} training-split U, V mean {stats['uv_mean']} std {stats['uv_std']} "
+              f"(over {len(train)} images; cached in {path})")
+    try:
+        preprocess.write_json_atomic(path, stats)
+    except OSError as e:
+        print(f"[data] could not cache statistics in {path}: {e}")
+    return stats
+
+
+def make_pipeline(split, stats, batch_size, levels=None, training=False, seed=0, augment=False, drop_remainder=None,
+                  images_only=False):
+    """Batched, preprocessed tf.data pipeline of one split.
+
+    Args:
+        split: Split.
+        stats: dict from `preprocessing_stats`.
+        batch_size: int.
+        levels: dict output name -> "fine"/"coarse": the label structure the model was compiled with.
+        training: bool. Shuffle every epoch (seeded), drop the last partial batch (static shapes for XLA).
+        augment: bool. Random crop and flip (224-pixel datasets only).
+        images_only: bool. Yield preprocessed images alone (for `predict`).
+
+    Returns:
+        `tf.data.Dataset` of `(images, {output: labels})` (or images alone).
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1. Received: {batch_size}")
+    info = split.info
+    size = tuple(info.image_size)
+    normalization = stats["normalization"]
+    fine_to_coarse = tf.constant(info.fine_to_coarse, tf.int64)
+    ds = split.dataset
+    if training:
+        ds = ds.shuffle(min(len(split), 50_000), seed=seed, reshuffle_each_iteration=True)
+    if split.images is None:  # variable-size images: resize (or crop) one by one, in parallel
+        if training and augment:
+            ds = ds.map(lambda x, y: (preprocess.random_crop_flip(x, size, seed), y), num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = ds.map(lambda x, y: (preprocess.resize_images(x, size), y), num_parallel_calls=tf.data.AUTOTUNE)
+    drop = training if drop_remainder is None else drop_remainder
+    ds = ds.batch(int(batch_size), drop_remainder=drop and len(split) >= batch_size)
+
+    def transform(images, fine):
+        images = preprocess.preprocess(images, normalization, stats)
+        if images_only:
+            return images
+        by_level = {"fine": fine, "coarse": tf.gather(fine_to_coarse, fine)}
+        return images, {name: by_level[level] for name, level in (levels or {}).items()}
+
+    return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def load(name, split, batch_size, levels=None, data_dir=None, training=None, seed=0, stats=None, **kwargs):
+    """The one-call entry point: (batched tf.data pipeline, DatasetInfo) for a dataset split.
+
+    Example:
+    ```python
+    ds, info = load("synthetic", "train", 64, levels={"fine_fc3": "fine", "coarse_fc1": "coarse"})
+    ```
+    """
+    data = load_split(name, split, data_dir=data_dir, **kwargs)
+    if stats is None:
+        stats = preprocessing_stats(data if split == "train" else load_split(name, "train", data_dir=data_dir, **kwargs))
+    training = split == "train" if training is None else training
+    return make_pipeline(data, stats, batch_size, levels, training=training, seed=seed), data.info
