@@ -15,8 +15,9 @@ EPSILON = 1e-7
 def pairwise_similarity(y_true, num_examples=None):
     """Turn labels (N,) / (N, 1) or an (N, N) constraint matrix into (similar, valid) float32 matrices.
 
-    Labels: `similar[i, j] = 1` where labels are equal; every pair is valid.
-    Constraint matrix: 1 similar, 0 dissimilar, -1 unknown (not valid, masked out of the mean).
+    Labels: `similar[i, j] = 1` where labels are equal; every pair is valid (`valid` is None, which
+    saves the masking passes). Constraint matrix: 1 similar, 0 dissimilar, -1 unknown (not valid,
+    masked out of the mean).
     """
     y_true = ops.convert_to_tensor(y_true)
     rank = len(y_true.shape)
@@ -31,7 +32,7 @@ def pairwise_similarity(y_true, num_examples=None):
             )
         labels = ops.cast(y_true, "float32")
         similar = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32")
-        return similar, ops.ones_like(similar)
+        return similar, None
     if rank == 2:
         rows, cols = y_true.shape
         if rows is not None and cols is not None and rows != cols:
@@ -93,19 +94,34 @@ def pairwise_kl_loss(y_true, y_pred, margin=2.0, from_logits=True):
         raise ValueError(f"PairwiseKLLoss: y_pred must be (N, K). Received: y_pred.shape={tuple(y_pred.shape)}")
     similar, valid = pairwise_similarity(y_true, num_examples=y_pred.shape[0])
     kl = pairwise_kl_divergence(y_pred, from_logits=from_logits)
-    pair_loss = similar * kl + (1.0 - similar) * ops.relu(margin - kl)
-    pair_loss = pair_loss * valid
-    num_rows = ops.cast(ops.shape(valid)[0], "float32")
+    hinge = ops.relu(margin - kl)
+    pair_loss = hinge + similar * (kl - hinge)  # S * KL + (1 - S) * hinge, one pass fewer
+    num_rows = ops.cast(ops.shape(kl)[0], "float32")
+    if valid is None:  # labels: all N^2 ordered pairs count
+        return ops.sum(pair_loss, axis=-1) / num_rows
     scale = ops.divide_no_nan(num_rows, ops.sum(valid))
-    return ops.sum(pair_loss, axis=-1) * scale
+    return ops.sum(pair_loss * valid, axis=-1) * scale
+
+
+def _is_concrete(x):
+    """Whether `x` holds values now (eager), rather than being traced into a compiled function."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    return True
 
 
 def _check_finite(y_pred):
     """Raise on NaN/inf logits when running eagerly (traced graphs are guarded by the training callbacks)."""
-    try:
-        values = ops.convert_to_numpy(y_pred)
-    except Exception:  # symbolic tensor inside a traced function: nothing to look at yet
+    if not _is_concrete(y_pred):
         return
+    values = ops.convert_to_numpy(y_pred)
     if not np.all(np.isfinite(values)):
         bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
         raise ValueError(f"PairwiseKLLoss received {bad} non-finite values (NaN or inf) in y_pred.")

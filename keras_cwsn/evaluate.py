@@ -1,0 +1,84 @@
+"""Evaluate a finished run's exported classifier and clusterer on any folder of class sub-folders.
+
+    python -m keras_cwsn.evaluate RUN --data-dir DIR --split test [--json]
+
+The classifier is the SavedModel (raw uint8 images in, preprocessing inside); the clusterer is
+`clusterer.keras`, fed with the run's own training statistics, and its clusters are mapped to
+classes with the Hungarian mapping found on the run's training split (`cluster_result.json`).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256):
+    """Classification accuracy and clustering figures of a finished run on a split; returns a dict."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_cwsn import data as data_lib
+    from keras_cwsn.export import ASSET_FILE
+    from keras_cwsn.metrics import clustering_report, predict_clusters
+
+    config_path = os.path.join(run_dir, "config.json")
+    classifier_dir = os.path.join(run_dir, "classifier")
+    for path in (config_path, classifier_dir):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{run_dir} is not a finished run: {os.path.basename(path)} is missing.")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(os.path.join(classifier_dir, "assets", ASSET_FILE)) as f:
+        stats = json.load(f)["preprocessing"]
+    split_data = data_lib.load_split(config["dataset"], split, data_dir=data_dir or config["data_dir"],
+                                     val_per_class=config["val_per_class"], synthetic=config["synthetic"])
+    serve = tf.saved_model.load(classifier_dir).signatures["serving_default"]
+    predicted = np.concatenate([
+        serve(images=tf.cast(images, tf.uint8))["class_ids"].numpy()
+        for images in split_data.dataset.map(lambda x, y: x).batch(batch_size)
+    ])
+    figures = {"run": run_dir, "dataset": config["dataset"], "variant": config["variant"], "split": split,
+               "num_examples": len(split_data),
+               "classification_accuracy": float(np.mean(predicted == split_data.labels))}
+    clusterer_path = os.path.join(run_dir, "clusterer.keras")
+    if os.path.exists(clusterer_path):
+        import keras
+
+        import keras_cwsn.losses  # noqa: F401  registers PairwiseKLLoss
+
+        with open(os.path.join(run_dir, "cluster_result.json")) as f:
+            mapping = np.asarray(json.load(f)["mapping"])
+        clusterer = keras.saving.load_model(clusterer_path, compile=False)
+        images = data_lib.make_pipeline(split_data, stats, batch_size, images_only=True)
+        clusters = predict_clusters(clusterer, images, "fine_fc3")
+        figures.update(clustering_report(split_data.labels, clusters, mapping))
+    return figures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m keras_cwsn.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a finished run folder (holds metrics.json, classifier/, config.json)")
+    parser.add_argument("--data-dir", default=None, help="folder with <split>/<class>/*; default: the run's")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        figures = evaluate_run(args.run, args.data_dir, args.split)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"{figures['run']} on {figures['split']} ({figures['num_examples']} images)")
+        for key in ("classification_accuracy", "cluster_accuracy", "nmi", "purity"):
+            if key in figures:
+                print(f"  {key:24s} {figures[key]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Tests for keras_cwsn.export: the exported SavedModel serves what the Keras classifier predicts.
+
+One tiny run of the whole protocol (module-scoped fixture) is exported by `training.run`; the
+SavedModel is then loaded in a fresh Python process with `tf.saved_model.load` alone.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_cwsn import data as data_lib  # noqa: E402
+from keras_cwsn import export as export_lib  # noqa: E402
+from keras_cwsn.config import load_config, set_value  # noqa: E402
+from keras_cwsn.data import preprocess  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"synthetic.train_size": 200, "synthetic.eval_size": 60, "cluster.epochs": 1, "classify.epochs": 1,
+        "embedding_sample": 0}
+
+# Runs in a fresh interpreter: TensorFlow only, no keras_cwsn. Calls every case in order (the
+# error cases sit between good calls: the process must go on serving after them).
+SERVE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np
+    import tensorflow as tf
+
+    model_dir, case_dir = sys.argv[1], sys.argv[2]
+    with open(os.path.join(case_dir, "cases.json")) as f:
+        cases = json.load(f)
+    loaded = tf.saved_model.load(model_dir)
+    report = {"signatures": sorted(loaded.signatures), "cases": {}}
+    arrays = {}
+    for case in cases:
+        fn = loaded.signatures[case["signature"]]
+        if case["signature"] == "serving_default":
+            inputs = {"images": tf.constant(np.load(os.path.join(case_dir, case["input"])))}
+        else:
+            items = []
+            for name in case["input"]:
+                with open(os.path.join(case_dir, name), "rb") as f:
+                    items.append(f.read())
+            inputs = {"image_bytes": tf.constant(items, tf.string)}
+        try:
+            outputs = fn(**inputs)
+        except tf.errors.InvalidArgumentError as e:
+            report["cases"][case["name"]] = {"error": type(e).__name__, "message": e.message}
+            continue
+        report["cases"][case["name"]] = {"shapes": {k: list(v.shape) for k, v in outputs.items()}}
+        for key, value in outputs.items():
+            arrays[case["name"] + "." + key] = value.numpy().astype(str) if value.dtype == tf.string else value.numpy()
+    report["keras_cwsn_imported"] = sorted(m for m in sys.modules if m.startswith("keras_cwsn"))
+    np.savez(os.path.join(case_dir, "outputs.npz"), **arrays)
+    with open(os.path.join(case_dir, "report.json"), "w") as f:
+        json.dump(report, f)
+""")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Train and export once: the run folder, its figures, and the classifier `training.run` exported."""
+    config = load_config(dataset="synthetic")
+    for key, value in TINY.items():
+        config = set_value(config, key, value)
+    out = str(tmp_path_factory.mktemp("export_run") / "run")
+    captured = {}
+    real_export = export_lib.export_classifier
+
+    def capture(classifier, path, class_names, image_size, stats, **kwargs):
+        captured.update(classifier=classifier, class_names=list(class_names), image_size=tuple(image_size),
+                        stats=stats, kwargs=kwargs)
+        return real_export(classifier, path, class_names, image_size, stats, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_CWSN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(export_lib, "export_classifier", capture)
+        from keras_cwsn.training import run as run_protocol
+
+        results = run_protocol(config, out, quiet=True)
+    evaluation = data_lib.load_split("synthetic", config["eval_split"], synthetic=config["synthetic"])
+    return dict(captured, dir=out, model_dir=os.path.join(out, "classifier"), results=results, config=config,
+                eval_images=evaluation.images, eval_labels=evaluation.labels)
+
+
+def _keras_probabilities(run, images_uint8_or_float):
+    x = preprocess.preprocess(images_uint8_or_float, run["stats"]["normalization"], run["stats"])
+    return run["classifier"](x, training=False)["probabilities"].numpy()
+
+
+def _png(array):
+    return tf.io.encode_png(array).numpy()
+
+
+@pytest.fixture(scope="module")
+def served(run, tmp_path_factory):
+    """Every case run through the SavedModel in a fresh process: (report, outputs, inputs)."""
+    case_dir = str(tmp_path_factory.mktemp("serve_cases"))
+    rng = np.random.default_rng(0)
+    images = run["eval_images"]
+    inputs = {
+        "eval": images,
+        "big": rng.integers(0, 256, (3, 48, 40, 3), dtype=np.uint8),
+        "grey": images[:4, :, :, :1],
+        "rgba": np.concatenate([images[:4], rng.integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)], axis=-1),
+        "two_channels": images[:2, :, :, :2],
+        "five_channels": np.concatenate([images[:2], images[:2, :, :, :2]], axis=-1),
+        "empty": np.zeros((0, 32, 32, 3), np.uint8),
+    }
+    files = {}
+    for i, image in enumerate(images[:16]):
+        files[f"eval_{i}.png"] = _png(image)
+    files["grey.png"] = _png(images[0, :, :, :1])
+    files["rgba.png"] = _png(np.concatenate([images[0], np.full((32, 32, 1), 128, np.uint8)], axis=-1))
+    files["big.png"] = _png(inputs["big"][0])
+    files["not_an_image.png"] = b"this is not an image"
+    files["truncated.png"] = _png(images[1])[:60]
+    files["empty.bin"] = b""
+    for name, data in files.items():
+        with open(os.path.join(case_dir, name), "wb") as f:
+            f.write(data)
+    cases = []
+    for name, array in inputs.items():
+        np.save(os.path.join(case_dir, f"{name}.npy"), array)
+        cases.append({"name": f"images_{name}", "signature": "serving_default", "input": f"{name}.npy"})
+    eval_pngs = [f"eval_{i}.png" for i in range(16)]
+    cases += [
+        {"name": "bytes_eval", "signature": "serve_jpeg", "input": eval_pngs},
+        {"name": "bytes_corrupt", "signature": "serve_jpeg", "input": ["eval_0.png", "not_an_image.png"]},
+        {"name": "bytes_truncated", "signature": "serve_jpeg", "input": ["truncated.png"]},
+        {"name": "bytes_empty_string", "signature": "serve_jpeg", "input": ["empty.bin"]},
+        {"name": "bytes_channels", "signature": "serve_jpeg", "input": ["grey.png", "rgba.png", "big.png"]},
+        {"name": "bytes_empty", "signature": "serve_jpeg", "input": []},
+        {"name": "bytes_after_errors", "signature": "serve_jpeg", "input": eval_pngs[:2]},
+    ]
+    with open(os.path.join(case_dir, "cases.json"), "w") as f:
+        json.dump(cases, f)
+    with open(os.path.join(case_dir, "serve.py"), "w") as f:
+        f.write(SERVE_SCRIPT)
+    proc = subprocess.run([sys.executable, os.path.join(case_dir, "serve.py"), run["model_dir"], case_dir],
+                          capture_output=True, text=True, timeout=300, cwd=case_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(case_dir, "report.json")) as f:
+        report = json.load(f)
+    outputs = dict(np.load(os.path.join(case_dir, "outputs.npz")))
+    return report, outputs, inputs
+
+
+def test_training_run_exports_with_the_documented_arguments(run):
+    names = list(data_lib.dataset_info("synthetic").fine_names)
+    assert run["class_names"] == names == run["results"]["class_names"]
+    assert run["image_size"] == (32, 32)
+    assert run["kwargs"]["metadata"]["dataset"] == "synthetic"
+    assert sorted(os.listdir(run["model_dir"])) == ["assets", "fingerprint.pb", "saved_model.pb", "variables"]
+    assert not os.path.exists(run["model_dir"] + ".tmp")
+
+
+def test_fingerprint_is_written(run):
+    fingerprint = tf.saved_model.experimental.read_fingerprint(run["model_dir"])
+    assert fingerprint.saved_model_checksum != 0
+
+
+def test_model_info_asset_is_present_and_registered(run):
+    with open(os.path.join(run["model_dir"], "assets", export_lib.ASSET_FILE)) as f:
+        info = json.load(f)
+    assert info["class_names"] == run["class_names"]
+    assert info["dataset"] == "synthetic" and info["variant"] == "D"
+    assert info["figures"]["classification_accuracy"] == run["results"]["classification_accuracy"]
+    assert info["image_size"] == [32, 32] and info["top_k"] == 5
+    assert info["preprocessing"]["normalization"] == "yuv"
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(run["model_dir"], "saved_model.pb"), "rb") as f:
+        saved_model.ParseFromString(f.read())
+    assert [a.filename for a in saved_model.meta_graphs[0].asset_file_def] == [export_lib.ASSET_FILE]
+
+
+def test_fresh_process_sees_both_signatures_without_keras_cwsn(served):
+    report, _, _ = served
+    assert set(export_lib.SIGNATURES) <= set(report["signatures"])
+    assert report["keras_cwsn_imported"] == []
+
+
+def test_serving_default_agrees_with_keras(run, served):
+    _, outputs, inputs = served
+    expected = _keras_probabilities(run, inputs["eval"])
+    np.testing.assert_allclose(outputs["images_eval.probabilities"], expected, atol=1e-5)
+    ids = outputs["images_eval.class_ids"]
+    np.testing.assert_array_equal(ids, np.argmax(expected, axis=-1))
+    np.testing.assert_array_equal(outputs["images_eval.class_names"], np.array(run["class_names"])[ids])
+    # The SavedModel reproduces the run's own accuracy (to one near-tie).
+    accuracy = np.mean(ids == run["eval_labels"])
+    assert abs(accuracy - run["results"]["classification_accuracy"]) <= 1 / len(ids) + 1e-9
+
+
+def test_top_k_outputs(run, served):
+    _, outputs, _ = served
+    probabilities = outputs["images_eval.probabilities"]
+    assert outputs["images_eval.top_k_ids"].shape == (len(probabilities), 5)
+    np.testing.assert_allclose(outputs["images_eval.top_k_scores"], -np.sort(-probabilities, axis=-1)[:, :5], atol=1e-7)
+    np.testing.assert_array_equal(outputs["images_eval.top_k_ids"][:, 0], outputs["images_eval.class_ids"])
+    np.testing.assert_array_equal(outputs["images_eval.top_k_names"],
+                                  np.array(run["class_names"])[outputs["images_eval.top_k_ids"]])
+
+
+def test_serve_jpeg_agrees_with_keras_on_png(run, served):
+    _, outputs, inputs = served
+    expected = _keras_probabilities(run, inputs["eval"][:16])
+    np.testing.assert_allclose(outputs["bytes_eval.probabilities"], expected, atol=1e-5)
+    np.testing.assert_array_equal(outputs["bytes_eval.class_names"], outputs["images_eval.class_names"][:16])
+    np.testing.assert_allclose(outputs["bytes_after_errors.probabilities"], expected[:2], atol=1e-5)
+
+
+def test_other_sizes_are_resized_as_the_folder_pipeline_does(run, served):
+    _, outputs, inputs = served
+    resized = tf.round(tf.clip_by_value(preprocess.resize_images(tf.cast(inputs["big"], tf.float32), (32, 32)), 0, 255))
+    expected = _keras_probabilities(run, resized)
+    np.testing.assert_allclose(outputs["images_big.probabilities"], expected, atol=1e-5)
+    np.testing.assert_allclose(outputs["bytes_channels.probabilities"][2], expected[0], atol=1e-5)
+
+
+def test_grey_and_rgba_images_are_converted(run, served):
+    _, outputs, inputs = served
+    grey = np.repeat(inputs["grey"], 3, axis=-1)
+    np.testing.assert_allclose(outputs["images_grey.probabilities"], _keras_probabilities(run, grey), atol=1e-5)
+    rgba = inputs["rgba"][..., :3]
+    np.testing.assert_allclose(outputs["images_rgba.probabilities"], _keras_probabilities(run, rgba), atol=1e-5)
+    np.testing.assert_allclose(outputs["bytes_channels.probabilities"][0], _keras_probabilities(run, grey[:1])[0],
+                               atol=1e-5)
+    np.testing.assert_allclose(outputs["bytes_channels.probabilities"][1],
+                               _keras_probabilities(run, inputs["eval"][:1])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("case, channels", [("images_two_channels", 2), ("images_five_channels", 5)])
+def test_other_channel_counts_are_refused(served, case, channels):
+    report, _, _ = served
+    result = report["cases"][case]
+    assert result["error"] == "InvalidArgumentError"
+    assert f"Received {channels} channels" in result["message"]
+
+
+def test_undecodable_bytes_get_a_clear_error(served):
+    report, _, _ = served
+    corrupt = report["cases"]["bytes_corrupt"]
+    assert corrupt["error"] == "InvalidArgumentError"
+    assert "could not decode image 1 of the batch of 2" in corrupt["message"]
+    assert "could not decode image 0 of the batch of 1 (0 bytes)" in report["cases"]["bytes_empty_string"]["message"]
+    truncated = report["cases"]["bytes_truncated"]
+    assert truncated["error"] == "InvalidArgumentError" and "Invalid PNG data" in truncated["message"]
+    assert "shapes" in report["cases"]["bytes_after_errors"]  # the process goes on serving
+
+
+@pytest.mark.parametrize("case", ["images_empty", "bytes_empty"])
+def test_empty_batch_returns_empty_outputs(served, case):
+    report, _, _ = served
+    shapes = report["cases"][case]["shapes"]
+    assert shapes == {"probabilities": [0, 9], "class_ids": [0], "class_names": [0], "top_k_ids": [0, 5],
+                      "top_k_scores": [0, 5], "top_k_names": [0, 5]}
+
+
+def _saved_model_cli(model_dir):
+    command = shutil.which("saved_model_cli")
+    command = [command] if command else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    proc = subprocess.run([*command, "show", "--all", "--dir", model_dir], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _signature_block(text, name):
+    match = re.search(rf"signature_def\['{name}'\]:\n(.*?)Method name is", text, re.S)
+    assert match, f"no signature {name!r} in:\n{text}"
+    return match.group(1)
+
+
+def test_saved_model_cli_lists_documented_signatures(run):
+    text = _saved_model_cli(run["model_dir"])
+    expected_inputs = {"serving_default": ("images", "DT_UINT8", "(-1, -1, -1, -1)"),
+                       "serve_jpeg": ("image_bytes", "DT_STRING", "(-1)")}
+    expected_outputs = {"probabilities": ("DT_FLOAT", "(-1, 9)"), "class_ids": ("DT_INT32", "(-1)"),
+                        "class_names": ("DT_STRING", "(-1)"), "top_k_ids": ("DT_INT32", "(-1, 5)"),
+                        "top_k_scores": ("DT_FLOAT", "(-1, 5)"), "top_k_names": ("DT_STRING", "(-1, 5)")}
+    for signature, (name, dtype, shape) in expected_inputs.items():
+        block = _signature_block(text, signature)
+        inputs, outputs = block.split("contains the following output(s)")
+        assert re.search(rf"inputs\['{name}'\] tensor_info:\s+dtype: {dtype}\s+shape: {re.escape(shape)}", inputs)
+        assert sorted(re.findall(r"outputs\['(\w+)'\]", outputs)) == sorted(expected_outputs)
+        for output, (out_dtype, out_shape) in expected_outputs.items():
+            assert re.search(rf"outputs\['{output}'\] tensor_info:\s+dtype: {out_dtype}\s+shape: {re.escape(out_shape)}",
+                             outputs), (signature, output)
+
+
+def test_export_checks_its_arguments(run, tmp_path):
+    path = str(tmp_path / "m")
+    args = dict(classifier=run["classifier"], path=path, image_size=(32, 32), stats=run["stats"])
+    with pytest.raises(ValueError, match="probabilities must be \\(batch, 3\\) for 3 class names"):
+        export_lib.export_classifier(class_names=run["class_names"][:3], **args)
+    with pytest.raises(ValueError, match="class_names must be a sequence"):
+        export_lib.export_classifier(class_names="abc", **args)
+    with pytest.raises(ValueError, match="image_size must be"):
+        export_lib.export_classifier(**dict(args, image_size=(32,)), class_names=run["class_names"])
+    with pytest.raises(ValueError, match="normalization"):
+        export_lib.export_classifier(**dict(args, stats={"normalization": "zca"}), class_names=run["class_names"])
+    with pytest.raises(ValueError, match="top_k must be"):
+        export_lib.export_classifier(class_names=run["class_names"], top_k=0, **args)
+    assert not os.path.exists(path)
