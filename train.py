@@ -2,6 +2,9 @@
 
 Parses the command line, resolves the config (file + flags), and calls `keras_cwsn.training`.
 Every error a user can cause exits with status 2 and one line on stderr.
+
+A run killed at any point (Ctrl-C, SIGKILL, a crash) goes on from its last completed epoch when the
+same command is run again with the same --output-dir; a finished run is refused unless --overwrite.
 """
 
 import argparse
@@ -10,15 +13,25 @@ import sys
 import time
 
 
+class UsageError(Exception):
+    """A command line argparse can't parse: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, default), cifar10, cifar100, birdsnap34, birdsnap")
     p.add_argument("--variant", default=None, help="A, B, C, D (clustering warm start) or ce (baseline); default: the config's")
     p.add_argument("--config", default=None, help="config file (YAML/JSON); default: configs/<dataset>_<net>.yaml")
     p.add_argument("--data-dir", default=None, help="dataset folder (CIFAR: DIR/train/<class>/*; Birdsnap: the download)")
     p.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<variant>-<timestamp>")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2,3,4 (one sub-folder each)")
-    p.add_argument("--seed", type=int, default=None, help="a single seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="a single seed: the same seed repeats a CPU run exactly (seeded shuffles, deterministic ops)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of both phases")
     p.add_argument("--cluster-epochs", type=int, default=None)
     p.add_argument("--classify-epochs", type=int, default=None)
@@ -32,7 +45,15 @@ def parse_args(argv=None):
     p.add_argument("--no-xla", dest="xla", action="store_false", help="force XLA off")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set cluster.weight_decay=0.001 (value parsed as YAML)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --output-dir")
+    p.add_argument("--strategy", default=None, choices=("auto", "one", "mirrored", "multiworker"),
+                   help="tf.distribute strategy: auto (mirrored if >1 GPU, else one), one, mirrored (all local "
+                        "GPUs), multiworker (hosts from TF_CONFIG); see docs/DISTRIBUTED.md")
+    p.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="continue an unfinished run found in --output-dir from its last completed epoch (default)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="refuse an unfinished run in --output-dir instead of continuing it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run (finished or not) in --output-dir and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -47,7 +68,8 @@ def resolve_config(args):
     if args.config and args.dataset != "synthetic" and args.dataset != config["dataset"]:
         config = set_value(config, "dataset", args.dataset)
     flags = {"variant": args.variant, "data_dir": args.data_dir, "schedule_scale": args.schedule_scale,
-             "head": args.head, "double": args.double, "precision": args.precision, "xla": args.xla, "seed": args.seed}
+             "head": args.head, "double": args.double, "precision": args.precision, "xla": args.xla, "seed": args.seed,
+             "strategy": args.strategy}
     for key, value in flags.items():
         if value is not None:
             config = set_value(config, key, value)
@@ -62,7 +84,11 @@ def resolve_config(args):
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE. Received: {item!r}")
         key, value = item.split("=", 1)
-        config = set_value(config, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key.strip()}: the value {value!r} is not valid YAML") from None
+        config = set_value(config, key.strip(), parsed)
     return config
 
 
@@ -78,8 +104,19 @@ def parse_seeds(args, config):
     return seeds
 
 
+def _one_line(error):
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    """Run the command line; returns the exit status (0 done, 2 a user error, reported in one line on stderr)."""
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from keras_cwsn.config import ConfigError
     from keras_cwsn.data import DatasetUnavailableError
@@ -91,15 +128,17 @@ def main(argv=None):
         seeds = parse_seeds(args, config)
         output_dir = args.output_dir or os.path.join(
             "runs", f"{config['dataset']}-{config['variant']}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_seeds(config, seeds, output_dir, overwrite=args.overwrite, quiet=args.quiet)
-    except (ConfigError, DatasetUnavailableError, FolderError, RunError, ValueError, FileNotFoundError,
-            PermissionError) as e:
-        print(f"error: {e}".splitlines()[0] if isinstance(e, (ConfigError, RunError)) else f"error: {e}",
+        run_seeds(config, seeds, output_dir, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
+    except (ConfigError, DatasetUnavailableError, FolderError, RunError, ValueError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only folder, missing file, ...
+        print(f"error: cannot read or write a file: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume from the last completed epoch",
               file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, read-only folder, ...
-        print(f"error: cannot write outputs: {e}", file=sys.stderr)
-        return 2
+        return 130
     return 0
 
 

@@ -6,6 +6,7 @@ A phase field (under `cluster:` / `classify:`) may be one value or a mapping var
 
 import copy
 import difflib
+import math
 import os
 
 import yaml
@@ -31,7 +32,7 @@ def _positive_int(v):
 
 
 def _non_negative_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 def _positive_number(v):
@@ -89,7 +90,7 @@ DEFAULTS = {
 def _unknown(key, known, where):
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"Unknown config key {where}{key!r}.{hint} Known keys: {', '.join(sorted(known))}.")
+    return ConfigError(f"Unknown config key '{where}{key}'.{hint} Known keys: {', '.join(sorted(known))}.")
 
 
 def _check(schema, mapping, where):
@@ -98,7 +99,7 @@ def _check(schema, mapping, where):
             raise _unknown(key, schema, where)
         ok, expected = schema[key]
         if not ok(value):
-            raise ConfigError(f"Config key {where}{key!r} must be {expected}. Received: {value!r}")
+            raise ConfigError(f"Config key '{where}{key}' must be {expected}. Received: {value!r}")
 
 
 def validate(config):

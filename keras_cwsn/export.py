@@ -99,7 +99,8 @@ def build_serving_functions(classifier, class_names, image_size, stats, top_k=5)
         result = classifier(preprocess.preprocess(images, stats["normalization"], stats), training=False)
         if isinstance(result, dict):
             if CLASSIFIER_OUTPUT not in result:
-                raise ValueError(f"The classifier must output {CLASSIFIER_OUTPUT!r}. Received outputs: {sorted(result)}")
+                raise ValueError(f"The classifier must output {CLASSIFIER_OUTPUT!r}. "
+                                 f"Received outputs: {sorted(result)}")
             result = result[CLASSIFIER_OUTPUT]
         probabilities = tf.cast(result, tf.float32)
         if probabilities.shape.rank != 2 or probabilities.shape[-1] != num_classes:

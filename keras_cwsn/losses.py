@@ -127,6 +127,30 @@ def _check_finite(y_pred):
         raise ValueError(f"PairwiseKLLoss received {bad} non-finite values (NaN or inf) in y_pred.")
 
 
+def gather_global_batch(y_true, y_pred):
+    """All-gather labels and predictions from every replica, so that the loss sees all pairs of the global batch.
+
+    Only under a TensorFlow `tf.distribute` replica context with more than one replica (model.fit
+    under MirroredStrategy / MultiWorkerMirroredStrategy); everywhere else the inputs come back
+    unchanged and TensorFlow is not imported. `all_gather` is differentiable: its gradient
+    sum-all-reduces the upstream gradients and hands each replica the slice of its own examples.
+    Each replica then computes the whole batch's loss L; Keras divides it by the number of
+    replicas R (`sum_over_batch_size`) and sums the replicas' weight gradients, which gives
+    R * (1/R) * dL = dL: the single-device gradient of the single-device loss.
+
+    Returns:
+        (y_true, y_pred, num_replicas).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return y_true, y_pred, 1
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:  # cross-replica context or a single replica
+        return y_true, y_pred, 1
+    return context.all_gather(y_true, axis=0), context.all_gather(y_pred, axis=0), context.num_replicas_in_sync
+
+
 @keras.saving.register_keras_serializable(package="keras_cwsn")
 class PairwiseKLLoss(keras.losses.Loss):
     """All-pairs KL-divergence contrastive loss over a batch, from in-batch label equality.
@@ -164,7 +188,12 @@ class PairwiseKLLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         if self.check_finite:
             _check_finite(y_pred)
-        return pairwise_kl_loss(y_true, y_pred, margin=self.margin, from_logits=self.from_logits)
+        y_true, y_pred, num_replicas = gather_global_batch(y_true, y_pred)
+        values = pairwise_kl_loss(y_true, y_pred, margin=self.margin, from_logits=self.from_logits)
+        if num_replicas > 1 and self.reduction == "sum":
+            # Every replica holds the whole batch's sum; Keras adds the replicas' gradients up.
+            values = values / num_replicas
+        return values
 
     def get_config(self):
         config = super().get_config()

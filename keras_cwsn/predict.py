@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+import numpy as np
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 SIGNATURE = "serve_jpeg"
 ASSET_FILE = "cwsn_model_info.json"  # keras_cwsn.export.ASSET_FILE (not imported: it loads Keras)
@@ -68,17 +70,26 @@ def _error_message(error):
     return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*\]$", "", lines[0] if lines else text).strip()
 
 
-def load_model(model_dir):
-    """Load an exported classifier folder; returns `(serve_jpeg function, info dict)`.
-
-    Raises:
-        UsageError: the folder is missing, is not a SavedModel, or has no `serve_jpeg` signature.
-    """
+def check_model_dir(model_dir):
+    """Raise UsageError unless `model_dir` is a folder holding a `saved_model.pb` (no TensorFlow needed)."""
     if not os.path.isdir(model_dir):
         raise UsageError(f"no such model folder: {model_dir}")
     if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
         raise UsageError(f"{model_dir} is not a SavedModel folder (no saved_model.pb); "
                          f"pass the run's classifier/ folder")
+
+
+def load_model(model_dir):
+    """Load an exported classifier folder with `tf.saved_model.load`.
+
+    Returns:
+        `(model, info)`: `model` maps a list of encoded images to a dict of numpy outputs of the
+        `serve_jpeg` signature; `info` is `assets/cwsn_model_info.json` (empty if absent).
+
+    Raises:
+        UsageError: the folder is missing, is not a SavedModel, or has no `serve_jpeg` signature.
+    """
+    check_model_dir(model_dir)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -97,26 +108,26 @@ def load_model(model_dir):
                 info = json.load(f)
         except (OSError, ValueError):
             info = {}
-    # Keep the loaded object alive with the function (the signature refers to its variables).
     return _Model(loaded, loaded.signatures[SIGNATURE]), info
 
 
 class _Model:
+    """The `serve_jpeg` signature as a callable on a list of byte strings (keeps the SavedModel alive)."""
+
     def __init__(self, loaded, function):
         self.loaded = loaded
         self.function = function
+        self.input_name = next(iter(function.structured_input_signature[1]))
 
     def __call__(self, encoded):
         import tensorflow as tf
 
-        outputs = self.function(image_bytes=tf.constant(encoded, dtype=tf.string))
+        outputs = self.function(**{self.input_name: tf.constant(encoded, dtype=tf.string)})
         return {name: value.numpy() for name, value in outputs.items()}
 
 
 def _top_classes(outputs, row, top_k, class_names):
     """[(class_id, name, score)] of one image, best first."""
-    import numpy as np
-
     if class_names is not None and len(class_names) == outputs["probabilities"].shape[-1]:
         probabilities = outputs["probabilities"][row]
         ids = np.argsort(-probabilities, kind="stable")[:top_k]
@@ -198,15 +209,15 @@ def main(argv=None):
             raise UsageError(f"--top-k must be >= 1. Received: {args.top_k}")
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1. Received: {args.batch_size}")
-        if not os.path.isdir(args.model):
-            raise UsageError(f"no such model folder: {args.model}")
+        check_model_dir(args.model)
         paths, skipped = find_images(args.paths)
-        if skipped:
-            shown = ", ".join(os.path.basename(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-            print(f"{prog}: skipped {len(skipped)} non-image file(s) ({shown})", file=sys.stderr)
+        shown = ", ".join(os.path.basename(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        note = f"skipped {len(skipped)} non-image file(s) ({shown})" if skipped else ""
         if not paths:
-            raise UsageError(f"no image files to classify in {' '.join(args.paths)} "
-                             f"(looked for {' '.join(IMAGE_EXTENSIONS)})")
+            raise UsageError(f"no image files to classify in {' '.join(args.paths)} (looked for "
+                             f"{' '.join(IMAGE_EXTENSIONS)}){'; ' + note if note else ''}")
+        if note:
+            print(f"{prog}: {note}", file=sys.stderr)
         model, info = load_model(args.model)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -23,7 +23,6 @@ from keras_cwsn import export as export_lib  # noqa: E402
 from keras_cwsn.config import load_config, set_value  # noqa: E402
 from keras_cwsn.data import preprocess  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"synthetic.train_size": 200, "synthetic.eval_size": 60, "cluster.epochs": 1, "classify.epochs": 1,
         "embedding_sample": 0}
 
@@ -296,8 +295,8 @@ def test_saved_model_cli_lists_documented_signatures(run):
         assert re.search(rf"inputs\['{name}'\] tensor_info:\s+dtype: {dtype}\s+shape: {re.escape(shape)}", inputs)
         assert sorted(re.findall(r"outputs\['(\w+)'\]", outputs)) == sorted(expected_outputs)
         for output, (out_dtype, out_shape) in expected_outputs.items():
-            assert re.search(rf"outputs\['{output}'\] tensor_info:\s+dtype: {out_dtype}\s+shape: {re.escape(out_shape)}",
-                             outputs), (signature, output)
+            pattern = rf"outputs\['{output}'\] tensor_info:\s+dtype: {out_dtype}\s+shape: {re.escape(out_shape)}"
+            assert re.search(pattern, outputs), (signature, output)
 
 
 def test_export_checks_its_arguments(run, tmp_path):

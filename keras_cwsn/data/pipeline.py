@@ -105,7 +105,7 @@ def _synthetic_split(split, options):
     seed = options.get("data_seed", 0) * 3 + SPLITS.index(split)  # disjoint draws per split
     images, labels, info = make_synthetic(
         size, seed=seed, num_coarse=options.get("num_coarse", 3),
-        fine_per_coarse=options.get("fine_per_coarse", 3), noise=options.get("noise", 0.25))
+        fine_per_coarse=options.get("fine_per_coarse", 3), noise=options.get("noise", 0.5))
     return _from_arrays("synthetic", split, images, labels, info)
 
 

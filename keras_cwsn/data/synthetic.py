@@ -2,10 +2,12 @@
 
 Coarse classes are pattern families (stripes, rings, checks, spots) and the fine classes inside
 a family share that pattern, differing in its orientation or frequency and in the colour of the
-foreground (the k-th fine class of every family shares a hue), so coarse similarity is visual
-similarity and a fine class needs both cues. Phases, positions, colour jitter and background are
+foreground (each fine class has its own hue, neighbouring hues within a family), so coarse
+similarity is visual similarity. Phases, positions, colour jitter and background are
 random per image; it is deterministic from its seed and needs no download.
 """
+
+import colorsys
 
 import numpy as np
 
@@ -13,7 +15,6 @@ from keras_cwsn.data.info import DatasetInfo
 
 PATTERNS = ("stripes", "rings", "checks", "spots")
 SIZE = 32
-HUES = np.array([[0.95, 0.3, 0.2], [0.25, 0.9, 0.3], [0.3, 0.4, 0.95], [0.95, 0.9, 0.25], [0.85, 0.3, 0.9]])
 
 
 def synthetic_info(num_coarse=3, fine_per_coarse=3, num_examples=None):
@@ -58,7 +59,7 @@ def _pattern(pattern, k, n, rng):
     return 2 * np.clip(out, 0, 1) - 1
 
 
-def make_synthetic(num_examples, seed=0, num_coarse=3, fine_per_coarse=3, noise=0.25):
+def make_synthetic(num_examples, seed=0, num_coarse=3, fine_per_coarse=3, noise=0.5):
     """Draw `num_examples` images: returns (uint8 images (N, 32, 32, 3), int64 fine labels (N,), info).
 
     Classes are balanced (round-robin, then shuffled); the same seed gives the same arrays.
@@ -73,7 +74,8 @@ def make_synthetic(num_examples, seed=0, num_coarse=3, fine_per_coarse=3, noise=
         idx = np.flatnonzero(labels == fine)
         coarse, k = divmod(fine, fine_per_coarse)
         grey = _pattern(PATTERNS[coarse], k, idx.size, rng)
-        fg = np.clip(HUES[k] + rng.normal(0, 0.12, (idx.size, 1, 1, 3)), 0, 1)
+        hue = colorsys.hsv_to_rgb(fine / info.num_fine, 0.85, 0.95)
+        fg = np.clip(np.asarray(hue) + rng.normal(0, 0.06, (idx.size, 1, 1, 3)), 0, 1)
         bg = rng.uniform(0.0, 0.5, (idx.size, 1, 1, 3))
         mix = (grey[..., None] + 1) / 2
         images[idx] = mix * fg + (1 - mix) * bg

@@ -1,0 +1,182 @@
+"""Resuming: a run killed at any moment and started again ends where an uninterrupted run ends.
+
+Tiny runs on the embedded synthetic data (256 training images, batch 32, a few epochs).
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy", "train_cluster_accuracy")
+TINY = ["--set", "synthetic.train_size=256", "--set", "synthetic.eval_size=64", "--batch-size", "32",
+        "--set", "embedding_sample=0", "--quiet"]
+
+
+def _env(tmp_path):
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_CWSN_CACHE=str(tmp_path / "cache"),
+                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _command(output_dir, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--output-dir", str(output_dir), "--seed", "3",
+            "--cluster-epochs", "4", "--classify-epochs", "2", *TINY, *extra]
+
+
+def _history(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def _assert_same_figures(a, b):
+    for key in FIGURES:
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def _assert_same_history(rows, reference):
+    assert [int(r["epoch"]) for r in rows] == list(range(len(reference))), "epochs missing or duplicated"
+    for row, ref in zip(rows, reference):
+        for key, value in ref.items():
+            np.testing.assert_allclose(float(row[key]), float(value), rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_sigkill_during_clustering_resumes_from_last_epoch(tmp_path):
+    env = _env(tmp_path)
+    reference_dir, out = tmp_path / "reference", tmp_path / "killed"
+    reference = subprocess.Popen(_command(reference_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(_command(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metadata = out / "backup" / "cluster" / "training_metadata.json"
+    deadline = time.time() + 300
+    while not metadata.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert metadata.exists(), "no checkpoint after the first epoch"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (out / "metrics.json").exists()
+    saved_epoch = json.loads(metadata.read_text())["epoch"]
+    assert 1 <= saved_epoch < 4
+
+    restarted = subprocess.run(_command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert f"[resume] cluster phase: resuming after epoch {saved_epoch} of 4" in restarted.stdout
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+
+    resumed, uninterrupted = _metrics(out), _metrics(reference_dir)
+    _assert_same_figures(resumed, uninterrupted)
+    assert resumed["resumed"][0]["phase"] == "cluster" and resumed["resumed"][0]["from_epoch"] == saved_epoch
+    for phase in ("cluster", "classify"):
+        _assert_same_history(_history(out / f"{phase}_history.csv"), _history(reference_dir / f"{phase}_history.csv"))
+    assert not (out / "backup").exists(), "checkpoints are removed once the run is finished"
+    assert (out / "classifier" / "saved_model.pb").exists()
+
+    again = subprocess.run(_command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert len(again.stderr.strip().splitlines()) == 1 and "finished run" in again.stderr
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resumed_classification_keeps_restored_weights(tmp_path, monkeypatch):
+    """An interrupted classify phase resumes from its checkpoint: the warm start must not overwrite it."""
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
+    sys.path.insert(0, ROOT)
+    import train
+    from keras_cwsn import training
+
+    args = ["--seed", "5", "--cluster-epochs", "1", "--classify-epochs", "3", "--variant", "A", *TINY]
+    assert train.main(args + ["--output-dir", str(tmp_path / "reference")]) == 0
+
+    class InterruptingStop(training.StopOnNonFinite):
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.phase == "classify" and epoch == 2:
+                raise _Interrupted()
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "StopOnNonFinite", InterruptingStop)
+        with pytest.raises(_Interrupted):
+            train.main(args + ["--output-dir", str(out)])
+    assert json.loads((out / "backup" / "classify" / "training_metadata.json").read_text())["epoch"] == 2
+    assert (out / "cluster_result.json").exists() and not (out / "backup" / "cluster").exists()
+
+    copies = []
+    original = training.ResumableWarmStart.on_train_begin
+
+    def spy(self, logs=None):
+        copies.append(self.done)
+        return original(self, logs)
+
+    monkeypatch.setattr(training.ResumableWarmStart, "on_train_begin", spy)
+    assert train.main(args + ["--output-dir", str(out)]) == 0
+    assert copies == [True], "the warm start stood aside on the resumed fit"
+    resumed, reference = _metrics(out), _metrics(tmp_path / "reference")
+    _assert_same_figures(resumed, reference)
+    assert resumed["warm_start"] == reference["warm_start"]
+    _assert_same_history(_history(out / "classify_history.csv"), _history(tmp_path / "reference" / "classify_history.csv"))
+
+
+def test_output_dir_rules(tmp_path):
+    sys.path.insert(0, ROOT)
+    from keras_cwsn.training import RunError, check_output_dir, check_resume_config
+
+    out = tmp_path / "run"
+    assert check_output_dir(str(out)) is False  # new
+    (out / "config.json").write_text(json.dumps({"variant": "D", "seed": 0, "cluster": {"learning_rate": 0.01}}))
+    assert check_output_dir(str(out)) is True  # unfinished: resumed
+    with pytest.raises(RunError, match="unfinished run"):
+        check_output_dir(str(out), resume=False)
+    # a lower learning rate may change on resume; the variant may not
+    assert "cluster.learning_rate" in check_resume_config(str(out), {"variant": "D", "seed": 0,
+                                                                     "cluster": {"learning_rate": 0.001}})
+    with pytest.raises(RunError, match="variant: 'D' -> 'A'"):
+        check_resume_config(str(out), {"variant": "A", "seed": 0, "cluster": {"learning_rate": 0.01}})
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(RunError, match="finished run"):
+        check_output_dir(str(out))
+    assert check_output_dir(str(out), overwrite=True) is False
+    assert os.listdir(out) == []
+
+
+def test_checkpoint_keeps_optimizer_state_and_survives_a_torn_write(tmp_path):
+    """save_weights holds the optimizer's momentum; a half-written checkpoint never replaces the last good one."""
+    sys.path.insert(0, ROOT)
+    import keras
+
+    from keras_cwsn.training import Checkpoint
+
+    def model():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        m = keras.Model(inputs, keras.layers.Dropout(0.5)(keras.layers.Dense(3)(inputs)))
+        m.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+        return m
+
+    x, y = np.random.default_rng(0).standard_normal((8, 4)), np.ones((8, 3))
+    trained = model()
+    trained.fit(x, y, epochs=2, verbose=0)
+    checkpoint = Checkpoint(str(tmp_path / "backup"), "test")
+    checkpoint.save(trained, 2)
+    (tmp_path / "backup" / ".tmp-epoch-0003.weights.h5").write_bytes(b"torn")  # a kill mid-write
+    restored = model()
+    Checkpoint(str(tmp_path / "backup"), "test", initial_epoch=2).restore(restored, 2)
+    for a, b in zip(trained.optimizer.variables + trained.variables, restored.optimizer.variables + restored.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    assert int(restored.optimizer.iterations.numpy()) == 2
