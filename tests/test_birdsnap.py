@@ -249,3 +249,27 @@ def test_labels_without_decoding_match_dataset_order(prepared):
         labels = birdsnap.load_birdsnap_labels("birdsnap34", split, data_dir=data_dir)
         assert labels.dtype == np.int64
         assert labels.tolist() == [int(f) for _, f, _ in ds.as_numpy_iterator()]
+
+
+def test_train_pipeline_over_a_fake_download(tmp_path, monkeypatch):
+    """`--dataset birdsnap34 --data-dir DOWNLOAD`: 224x224 ImageNet-normalised batches, labels at both levels."""
+    from keras_cwsn import data
+
+    manual_dir = str(tmp_path / "download")
+    os.makedirs(manual_dir)
+    make_fake_birdsnap(manual_dir)
+    train = data.load_split("birdsnap34", "train", data_dir=manual_dir)
+    test = data.load_split("birdsnap34", "test", data_dir=manual_dir)
+    assert len(test) == len(SPECIES)
+    assert train.info.num_fine == 34 and train.info.normalization == "imagenet"
+    stats = data.preprocessing_stats(train, verbose=False)
+    levels = {"fine_fc3": "fine", "coarse_fc1": "coarse"}
+    for augment in (False, True):
+        images, labels = next(iter(data.make_pipeline(train, stats, 4, levels, training=True, augment=augment)))
+        assert images.shape == (4, 224, 224, 3)
+        assert -2.2 < float(np.min(images)) and float(np.max(images)) < 2.7  # ImageNet-normalised range
+        np.testing.assert_array_equal(labels["coarse_fc1"].numpy(), train.info.coarse_of(labels["fine_fc3"].numpy()))
+    assert set(train.labels.tolist()) == {fine for _, _, fine, _ in SPECIES}
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "fresh_cache"))  # nothing prepared there
+    with pytest.raises(data.DatasetUnavailableError, match="Birdsnap download not found"):
+        data.load_split("birdsnap34", "train", data_dir=str(tmp_path))

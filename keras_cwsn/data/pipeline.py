@@ -164,7 +164,9 @@ def _birdsnap_split(name, split, data_dir, info):
     config = "birdsnap34" if name == "birdsnap34" else "birdsnap500"
     if split == "val":
         raise ValueError("Birdsnap has no held-out val split: use its official test split (eval_split: test).")
-    kwargs = {"manual_dir": data_dir} if data_dir else {}
+    kwargs = {"data_dir": os.path.join(folder.default_cache_dir(), "tfds")}
+    if data_dir:
+        kwargs["manual_dir"] = data_dir
     try:
         raw, loaded_info = birdsnap.load_birdsnap(config, split, **kwargs)
     except birdsnap.BirdsnapNotFoundError as e:
