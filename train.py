@@ -104,8 +104,30 @@ def parse_seeds(args, config):
     return seeds
 
 
-def _one_line(error):
-    return " ".join(str(error).split()) or type(error).__name__
+def _import_tensorflow_quietly():
+    """Import TensorFlow with its C++ start-up notices kept off stderr.
+
+    TensorFlow 2.21 prints absl/oneDNN lines ("WARNING: All log messages before absl::InitializeLog()",
+    "I0000 ... oneDNN custom operations are on") while it loads, whatever TF_CPP_MIN_LOG_LEVEL says;
+    they would bury the one-line error of a failed command. Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _one_line(error, limit=1000):
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def main(argv=None):
@@ -118,6 +140,7 @@ def main(argv=None):
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _import_tensorflow_quietly()
     from keras_cwsn.config import ConfigError
     from keras_cwsn.data import DatasetUnavailableError
     from keras_cwsn.data.folder import FolderError

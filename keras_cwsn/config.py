@@ -115,12 +115,13 @@ def validate(config):
     _check(TOP_SCHEMA, config, "")
     _check(SYNTHETIC_SCHEMA, config["synthetic"], "synthetic.")
     for phase in ("cluster", "classify"):
+        for key in config[phase]:  # unknown keys first: a misspelt key is also a missing one
+            if key not in PHASE_SCHEMA:
+                raise _unknown(key, PHASE_SCHEMA, f"{phase}.")
         missing = set(PHASE_SCHEMA) - set(config[phase])
         if missing:
             raise ConfigError(f"Config section {phase!r} is missing {sorted(missing)}.")
         for key, value in config[phase].items():
-            if key not in PHASE_SCHEMA:
-                raise _unknown(key, PHASE_SCHEMA, f"{phase}.")
             values = value if isinstance(value, dict) else {"*": value}
             for variant, v in values.items():
                 if variant != "*" and variant not in ALL_VARIANTS:

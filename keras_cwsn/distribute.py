@@ -11,6 +11,7 @@ global batch. See docs/DISTRIBUTED.md.
 import json
 import os
 
+import numpy as np
 import tensorflow as tf
 
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
@@ -152,6 +153,46 @@ def synchronize_batch_norm(model, strategy):
     return changed
 
 
+def patch_multiworker_fit(model, strategy):
+    """Let `model.fit` / `evaluate` start under a multi-worker strategy (keras-team/keras#20585).
+
+    Keras 3.15's TensorFlow trainer peeks at the first distributed batch and averages it across
+    replicas with `strategy.reduce` to build the metrics; MultiWorkerMirroredStrategy can't reduce
+    a nested batch and fit fails ("Attempt to convert a value (PerReplica...)"). Only shapes are
+    needed there, so this model's peek takes this worker's first replica's batch instead; and its
+    steps return their logs as 1-vectors, which the same cross-worker reduce can average. A no-op
+    on one host.
+    """
+    if num_workers(strategy) <= 1:
+        return
+
+    def first_local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(first_local, next(batches))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+
+    def with_vector_logs(step):
+        def wrapped(data):
+            return {k: tf.reshape(v, [1]) if getattr(v, "shape", None) is not None and v.shape.rank == 0 else v
+                    for k, v in step(data).items()}
+        return wrapped
+
+    # The step's logs are averaged over the workers with strategy.reduce("MEAN", value, axis=0), which
+    # fails on scalars: hand them over as 1-vectors (the epoch logs callbacks see are unaffected).
+    model.train_step = with_vector_logs(model.train_step)
+    model.test_step = with_vector_logs(model.test_step)
+
+
 def agree_min(strategy, value):
     """The smallest of every worker's `value` (this process's own value on a single host).
 
@@ -159,13 +200,14 @@ def agree_min(strategy, value):
     different epochs (at most one apart, since an epoch ends with collective steps on all of them)
     or marked a phase done at different moments; all must go on from the same point.
     """
-    if num_workers(strategy) <= 1:
+    workers = num_workers(strategy)
+    if workers <= 1:
         return int(value)
-
-    @tf.function
-    def gather(local):
-        return strategy.run(lambda v: tf.distribute.get_replica_context().all_gather(v, axis=0), args=(local,))
-
-    gathered = gather(tf.constant([int(value)], tf.int64))
-    values = strategy.experimental_local_results(gathered)[0]
-    return int(tf.reduce_min(values).numpy())
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict()
+    position = (len(spec.get("chief", [])) if resolver.task_type == "worker" else 0) + int(resolver.task_id)
+    local = np.zeros(workers, np.float64)  # small integers: exact in float64
+    local[position] = value / (strategy.num_replicas_in_sync // workers)  # each local replica adds its share
+    values = strategy.experimental_distribute_values_from_function(lambda _: tf.constant(local))
+    everyone = strategy.reduce("SUM", values, axis=None).numpy()  # an all-reduce across the workers
+    return int(round(float(everyone.min())))

@@ -19,6 +19,7 @@ figures as an uninterrupted run:
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -92,7 +93,8 @@ class StopOnNonFinite(keras.callbacks.Callback):
             kept = (f"The last good checkpoint (after epoch {epoch}) is kept in {self.backup_dir}: rerun the same "
                     f"command with a lower --lr to resume from it." if epoch else
                     "No checkpoint was written yet: lower the learning rate and rerun.")
-            raise RunError(f"Training diverged in the {self.phase} phase at epoch {epoch + 1}: non-finite {bad}. {kept}")
+            raise RunError(f"Training diverged in the {self.phase} phase at epoch {epoch + 1}: "
+                           f"non-finite {bad}. {kept}")
 
 
 def _weights_finite(model):
@@ -148,7 +150,8 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
             with open(path) as f:
                 return json.load(f)
         except (OSError, ValueError) as e:
-            raise RunError(f"Cannot read the checkpoint metadata {path}: {e}. Pass --overwrite to start over.") from None
+            raise RunError(f"Cannot read the checkpoint metadata {path}: {e}. "
+                           f"Pass --overwrite to start over.") from None
 
     @classmethod
     def available(cls, backup_dir):
@@ -367,6 +370,12 @@ def check_output_dir(output_dir, overwrite=False, resume=True):
     return started
 
 
+def _has_progress(output_dir):
+    """Whether a run's folder holds anything trained: a checkpoint, the clusterer or the finished run."""
+    marks = ["cluster_result.json", "metrics.json"] + [os.path.join("backup", p, Checkpoint.METADATA) for p in PHASES]
+    return any(os.path.exists(os.path.join(output_dir, m)) for m in marks)
+
+
 def check_resume_config(output_dir, config):
     """Refuse to resume a run under a config that changes what it computes; returns the allowed changes."""
     path = os.path.join(output_dir, "config.json")
@@ -378,6 +387,8 @@ def check_resume_config(output_dir, config):
     except (OSError, ValueError) as e:
         raise RunError(f"Cannot read {path} to resume the run: {e}. Pass --overwrite to start over.") from None
     changes = config_changes(saved, config)
+    if not _has_progress(output_dir):  # nothing trained yet (e.g. the data failed to load): start afresh
+        return {}
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
@@ -441,13 +452,21 @@ def steps_per_epoch(num_examples, batch_size):
 def training_data(split, stats, batch_size, levels, config, phase, first_epoch, epochs):
     """The training batches of epochs `first_epoch`..`epochs - 1` as one dataset, and the steps per epoch.
 
-    Each epoch is its own pipeline, shuffled with a seed derived from (seed, phase, epoch), so the
-    batches of epoch k are the same whether the run started at epoch 0 or resumed at k.
+    Each epoch is its own pipeline, shuffled with a seed derived from (seed, phase, epoch) and the
+    same order on every pass, so the batches of epoch k are the same whether the run started at
+    epoch 0 or resumed at k, and whether or not Keras peeks at a batch first (it does under a
+    tf.distribute strategy). Random crops (`augment` on streamed datasets) keep `make_pipeline`'s
+    own training path, whose shuffle also depends on the pass: exact within one strategy.
     """
-    per_epoch = [data_lib.make_pipeline(split, stats, batch_size, levels, training=True,
-                                        seed=derived_seed(config["seed"], phase, "epoch", epoch),
-                                        augment=config["augment"])
-                 for epoch in range(first_epoch, epochs)]
+    def one_epoch(epoch):
+        seed = derived_seed(config["seed"], phase, "epoch", epoch)
+        if config["augment"] and split.images is None:
+            return data_lib.make_pipeline(split, stats, batch_size, levels, training=True, seed=seed, augment=True)
+        shuffled = dataclasses.replace(split, dataset=split.dataset.shuffle(
+            min(len(split), 50_000), seed=seed, reshuffle_each_iteration=False))
+        return data_lib.make_pipeline(shuffled, stats, batch_size, levels, drop_remainder=True)
+
+    per_epoch = [one_epoch(epoch) for epoch in range(first_epoch, epochs)]
     steps = int(per_epoch[0].cardinality())
     if steps <= 0:  # unknown (streamed source)
         steps = steps_per_epoch(len(split), batch_size)
@@ -531,12 +550,13 @@ def _fit_phase(phase, model, settings, split, stats, levels, config, output_dir,
         checkpoint,
     ]
     model.fit(data, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps, validation_data=validation_data,
-              verbose=0 if quiet else "auto", callbacks=callbacks)
+              shuffle=False, verbose=0 if quiet else "auto", callbacks=callbacks)  # each epoch is shuffled already
 
 
 def _compile(model, strategy, **kwargs):
     distribute.synchronize_batch_norm(model, strategy)
     model.compile(**kwargs)
+    distribute.patch_multiworker_fit(model, strategy)
     return model
 
 
@@ -662,13 +682,14 @@ def run(config, output_dir, overwrite=False, quiet=False, resume=True):
     if warm is not None:
         results["warm_start"] = {"head": config["head"], "layers": list(warm.copied)}
 
-    # Outputs (the chief's; other workers only mark their folder finished)
+    # Outputs (every worker writes to its own folder; the model is exported by the chief only)
+    sample = min(config["embedding_sample"], len(evaluation))
+    if sample:  # predict is collective under a multi-worker strategy: every worker takes part
+        sample_images = (data_lib.make_pipeline(evaluation, stats, 256, images_only=True).unbatch().take(sample)
+                         .batch(256).apply(tf.data.experimental.assert_cardinality(-(-sample // 256))))
+        with _writing("the embedding projector", os.path.join(output_dir, "logs", "projector")):
+            _write_projector(output_dir, clusterer or classifier, sample_images, evaluation.labels[:sample], info)
     if chief:
-        sample = min(config["embedding_sample"], len(evaluation))
-        if sample:
-            sample_images = data_lib.make_pipeline(evaluation, stats, 256, images_only=True).unbatch().take(sample).batch(256)
-            with _writing("the embedding projector", os.path.join(output_dir, "logs", "projector")):
-                _write_projector(output_dir, clusterer or classifier, sample_images, evaluation.labels[:sample], info)
         export_path = os.path.join(output_dir, "classifier")
         try:
             with _writing("the exported classifier", export_path):

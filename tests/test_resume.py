@@ -130,7 +130,8 @@ def test_resumed_classification_keeps_restored_weights(tmp_path, monkeypatch):
     resumed, reference = _metrics(out), _metrics(tmp_path / "reference")
     _assert_same_figures(resumed, reference)
     assert resumed["warm_start"] == reference["warm_start"]
-    _assert_same_history(_history(out / "classify_history.csv"), _history(tmp_path / "reference" / "classify_history.csv"))
+    _assert_same_history(_history(out / "classify_history.csv"),
+                         _history(tmp_path / "reference" / "classify_history.csv"))
 
 
 def test_output_dir_rules(tmp_path):
@@ -141,6 +142,9 @@ def test_output_dir_rules(tmp_path):
     assert check_output_dir(str(out)) is False  # new
     (out / "config.json").write_text(json.dumps({"variant": "D", "seed": 0, "cluster": {"learning_rate": 0.01}}))
     assert check_output_dir(str(out)) is True  # unfinished: resumed
+    assert check_resume_config(str(out), {"variant": "A"}) == {}  # nothing trained yet: any change goes
+    (out / "backup" / "cluster").mkdir(parents=True)
+    (out / "backup" / "cluster" / "training_metadata.json").write_text('{"epoch": 1}')
     with pytest.raises(RunError, match="unfinished run"):
         check_output_dir(str(out), resume=False)
     # a lower learning rate may change on resume; the variant may not
@@ -180,3 +184,30 @@ def test_checkpoint_keeps_optimizer_state_and_survives_a_torn_write(tmp_path):
     for a, b in zip(trained.optimizer.variables + trained.variables, restored.optimizer.variables + restored.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
     assert int(restored.optimizer.iterations.numpy()) == 2
+
+
+def test_multi_seed_command_keeps_finished_seeds(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
+    sys.path.insert(0, ROOT)
+    import train
+    from keras_cwsn import training
+
+    args = ["--seeds", "0,1", "--epochs", "1", "--variant", "ce", *TINY, "--output-dir", str(tmp_path / "seeds")]
+    original, calls = training.run, []
+
+    def crash_on_seed_1(config, output_dir, *a, **k):
+        calls.append(config["seed"])
+        if config["seed"] == 1:
+            raise _Interrupted()
+        return original(config, output_dir, *a, **k)
+
+    monkeypatch.setattr(training, "run", crash_on_seed_1)
+    with pytest.raises(_Interrupted):
+        train.main(args)
+    monkeypatch.setattr(training, "run",
+                        lambda config, *a, **k: calls.append(config["seed"]) or original(config, *a, **k))
+    assert train.main(args) == 0
+    assert calls == [0, 1, 1], "seed 0 finished before: kept, not rerun"
+    summary = json.loads((tmp_path / "seeds" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert train.main(args) == 2  # the whole multi-seed run is finished now
