@@ -5,7 +5,7 @@ hierarchy levels, warm-start a classifier from it, fine-tune. Names are imported
 that light entry points (the Birdsnap downloader) don't load TensorFlow.
 """
 
-import importlib
+from keras_cwsn._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -18,9 +18,4 @@ _EXPORTS = {
 }
 __all__ = [name for names in _EXPORTS.values() for name in names]
 
-
-def __getattr__(name):
-    for module, names in _EXPORTS.items():
-        if name in names:
-            return getattr(importlib.import_module(f"keras_cwsn.{module}"), name)
-    raise AttributeError(f"module 'keras_cwsn' has no attribute {name!r}")
+__getattr__ = lazy_getattr("keras_cwsn", _EXPORTS)

@@ -4,7 +4,7 @@ The names below are imported on first use, so that `python -m keras_cwsn.data.bi
 starts without loading TensorFlow.
 """
 
-import importlib
+from keras_cwsn._lazy import lazy_getattr
 
 _EXPORTS = {
     "pipeline": ("DATASETS", "SPLITS", "DatasetUnavailableError", "Split", "dataset_info", "load_split",
@@ -13,9 +13,4 @@ _EXPORTS = {
 }
 __all__ = [name for names in _EXPORTS.values() for name in names]
 
-
-def __getattr__(name):
-    for module, names in _EXPORTS.items():
-        if name in names:
-            return getattr(importlib.import_module(f"keras_cwsn.data.{module}"), name)
-    raise AttributeError(f"module 'keras_cwsn.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr("keras_cwsn.data", _EXPORTS)
