@@ -15,9 +15,10 @@ Rows (each: the pipeline's images/second, the model's in the same process, their
   folder) decoded in tf.data (as TFDS hands Birdsnap over: one encoded JPEG per example) and pushed
   through `make_pipeline`'s 224 path (`resize_images`, or `random_crop_flip` with augmentation,
   then ImageNet normalisation), vs an AlexNet variant-D training step.
-- End to end: `fit` images/second fed by the pipeline vs fed by the same batches held in memory.
-  On this 2-core machine the pipeline and the step share the cores, so this row is the one that
-  says whether training is input-bound.
+- End to end: `fit` images/second fed by the pipeline vs fed by the same batches held in memory
+  (paired rounds, ratio = median of per-round ratios; goal >= 0.95). On this 2-core machine the
+  pipeline and the step share the cores, so this row is the one that says whether training is
+  input-bound.
 
 DESIGN.md goal: the pipeline delivers >= 4x the images/second the model consumes.
 """
@@ -105,28 +106,38 @@ def iterate_images_per_second(dataset, epochs, max_batches=None, pause=None):
 def model_images_per_second(arch, batch, shape, rounds, pause=None):
     """Images/second a variant-D training step (XLA off, as on CPU) consumes."""
     case = StepCase(arch, VARIANT, batch, shape)
-    seconds = time_cases([case], rounds, bench_steps.block_steps(arch, batch), warmup=1, pause=pause)[0]
+    seconds = statistics.median(time_cases([case], rounds, bench_steps.block_steps(arch, batch), warmup=1, pause=pause)[0])
     del case
     keras.backend.clear_session()
     return batch / seconds
 
 
-def fit_rates(arch, ds, batch, shape, steps, pause=None):
-    """`fit` images/second fed by `ds` vs by the same first `steps` batches cached in memory (median of 3 epochs)."""
+def fit_rates(arch, ds, batch, shape, steps, rounds=3, pause=None):
+    """`fit` images/second fed by `ds` vs by its first `steps` batches cached in memory.
+
+    Paired rounds: each round runs one epoch of `steps` steps from each source in turn; figures are
+    medians over rounds, the ratio the median of the per-round ratios.
+    """
     cached = ds.take(steps).cache()
     for _ in cached:  # fill the cache
         pass
-    rates = {}
-    for source, data in (("pipeline", ds), ("in-memory", cached.repeat())):
-        model = bench_steps.make_model(arch, VARIANT, shape)
-        model.fit(data, epochs=1, steps_per_epoch=2, verbose=0)  # trace
-        timer = bench_steps.EpochTimer()
+    sources = {"pipeline": ds, "in-memory": cached.repeat()}
+    models = {}
+    for source, data in sources.items():
+        models[source] = bench_steps.make_model(arch, VARIANT, shape)
+        models[source].fit(data, epochs=1, steps_per_epoch=2, verbose=0)  # trace
+    rates = {source: [] for source in sources}
+    for _ in range(rounds):
         with PauseJobs(pause):
-            model.fit(data, epochs=3, steps_per_epoch=steps, verbose=0, callbacks=[timer])
-        rates[source] = steps * batch / statistics.median(timer.seconds)
-        del model
-        keras.backend.clear_session()
-    return rates
+            for source, data in sources.items():
+                timer = bench_steps.EpochTimer()
+                models[source].fit(data, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+                rates[source].append(steps * batch / timer.seconds[-1])
+    del models
+    keras.backend.clear_session()
+    figures = {source: statistics.median(r) for source, r in rates.items()}
+    figures["paired_ratio"] = statistics.median(p / m for p, m in zip(rates["pipeline"], rates["in-memory"]))
+    return figures
 
 
 def run_cifar(data_dir, batch=16, epochs=2, rounds=15, fit_steps=400, cold=True, pause=None, log=print):
@@ -156,13 +167,13 @@ def run_cifar(data_dir, batch=16, epochs=2, rounds=15, fit_steps=400, cold=True,
                      "ips": ips, "model_ips": model_ips, "note": f"{len(train)} images/epoch"})
         log(f"[cifar10] pipeline epoch: {ips:.0f} img/s")
         if fit_steps:
-            rates = fit_rates("lenet", ds.repeat(), batch, (32, 32, 3), fit_steps, pause)
+            rates = fit_rates("lenet", ds.repeat(), batch, (32, 32, 3), fit_steps, pause=pause)
             rows.append({"dataset": "cifar10 32x32", "stage": "fit fed by pipeline (end to end)", "batch": batch,
-                         "ips": rates["pipeline"], "model_ips": rates["in-memory"],
-                         "note": f"reference: fit on in-memory batches, {fit_steps} steps"})
+                         "ips": rates["pipeline"], "model_ips": rates["in-memory"], "ratio": rates["paired_ratio"],
+                         "note": f"reference: fit on in-memory batches; {fit_steps} steps x 3 paired rounds"})
             log(f"[cifar10] fit: pipeline {rates['pipeline']:.0f} img/s, in-memory {rates['in-memory']:.0f} img/s")
     for r in rows:
-        r["ratio"] = r["ips"] / r["model_ips"]
+        r.setdefault("ratio", r["ips"] / r["model_ips"])
     return rows
 
 
@@ -184,25 +195,27 @@ def run_birdsnap(count=200, batch=32, epochs=3, rounds=3, fit_steps=6, pause=Non
             log(f"[birdsnap] pipeline ({'augment' if augment else 'resize'}): {ips:.0f} img/s")
         if fit_steps:
             ds = pipeline.make_pipeline(split, stats, batch, levels, training=True, seed=0).repeat()
-            rates = fit_rates("alexnet", ds, batch, (224, 224, 3), fit_steps, pause)
+            rates = fit_rates("alexnet", ds, batch, (224, 224, 3), fit_steps, pause=pause)
             rows.append({"dataset": "birdsnap-like 224", "stage": "fit fed by pipeline (end to end)", "batch": batch,
-                         "ips": rates["pipeline"], "model_ips": rates["in-memory"],
-                         "note": f"reference: fit on in-memory batches, {fit_steps} steps"})
+                         "ips": rates["pipeline"], "model_ips": rates["in-memory"], "ratio": rates["paired_ratio"],
+                         "note": f"reference: fit on in-memory batches; {fit_steps} steps x 3 paired rounds"})
             log(f"[birdsnap] fit: pipeline {rates['pipeline']:.1f} img/s, in-memory {rates['in-memory']:.1f} img/s")
     for r in rows:
-        r["ratio"] = r["ips"] / r["model_ips"]
+        r.setdefault("ratio", r["ips"] / r["model_ips"])
     return rows
 
 
 def format_table(rows):
     header = f"{'dataset':<18} {'stage':<40} {'batch':>5} {'pipeline (img/s)':>17} {'model (img/s)':>14} " \
-             f"{'ratio':>7} {'goal >=4x':>9}  note"
+             f"{'ratio':>7} {'goal':>6}  note"
     lines = [header, "-" * len(header)]
     for r in rows:
         end_to_end = r["stage"].startswith("fit")
         goal = ("met" if r["ratio"] >= 0.95 else "MISSED") if end_to_end else ("met" if r["ratio"] >= 4 else "MISSED")
         lines.append(f"{r['dataset']:<18} {r['stage']:<40} {str(r['batch']):>5} {r['ips']:17.0f} "
-                     f"{r['model_ips']:14.1f} {r['ratio']:7.2f} {goal:>9}  {r['note']}")
+                     f"{r['model_ips']:14.1f} {r['ratio']:7.2f} {goal:>6}  {r['note']}")
+    lines.append("goal: ratio >= 4 for pipeline rows; >= 0.95 for end-to-end rows (fit fed by the pipeline vs "
+                 "fed by in-memory batches)")
     return "\n".join(lines)
 
 

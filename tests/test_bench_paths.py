@@ -1,0 +1,275 @@
+"""Every optimised path the benchmarks time computes what the plain path computes (values and gradients, never timings).
+
+Covers: XLA vs no XLA for a variant-D step, mixed precision vs float32, steps_per_execution > 1
+vs 1, the benchmark's own compiled step vs `train_on_batch`, the 224 pipeline path of
+bench_pipeline.py, and a smoke run of bench/gpu_check.py (TensorFlow backend, tiny sizes), whose
+JAX path must import no TensorFlow.
+"""
+
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
+from keras_cwsn.models import build_model, variant_levels, variant_loss_weights  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def _load(name):
+    """Import a bench script by path (bench/ is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()
+
+
+def _compiled(variant="D", jit_compile=False, steps_per_execution=1, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = build_model("lenet", variant, num_fine=6, num_coarse=2)
+    optimizer = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
+    if variant == "ce":
+        model.compile(optimizer=optimizer, loss={"probabilities": keras.losses.SparseCategoricalCrossentropy()},
+                      jit_compile=jit_compile, steps_per_execution=steps_per_execution)
+    else:
+        weights = variant_loss_weights(variant)
+        model.compile(optimizer=optimizer, loss={name: PairwiseKLLoss() for name in weights}, loss_weights=weights,
+                      jit_compile=jit_compile, steps_per_execution=steps_per_execution)
+    return model
+
+
+def _data(count, variant="D", seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((count, 32, 32, 3)).astype(np.float32)
+    fine = rng.integers(0, 6, size=count).astype(np.int32)
+    by_level = {"fine": fine, "coarse": fine % 2}
+    return x, {name: by_level[level] for name, level in variant_levels(variant).items()}
+
+
+def _weights(model):
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def _assert_updates_close(before, after_a, after_b, rtol, atol):
+    """The weight updates (gradient through the optimiser) agree, not just the weights."""
+    for w0, wa, wb in zip(before, after_a, after_b):
+        np.testing.assert_allclose(wa - w0, wb - w0, rtol=rtol, atol=atol)
+
+
+def test_xla_step_matches_plain_step_variant_d():
+    x, y = _data(16)
+    plain, xla = _compiled(jit_compile=False), _compiled(jit_compile=True)
+    before = _weights(plain)
+    np.testing.assert_array_equal(before[0], _weights(xla)[0])
+    for start in (0, 8):
+        batch = (x[start:start + 8], {k: v[start:start + 8] for k, v in y.items()})
+        plain_logs = plain.train_on_batch(*batch, return_dict=True)
+        xla_logs = xla.train_on_batch(*batch, return_dict=True)
+        for key in plain_logs:
+            np.testing.assert_allclose(xla_logs[key], plain_logs[key], rtol=1e-4, atol=1e-5)
+    _assert_updates_close(before, _weights(plain), _weights(xla), rtol=2e-3, atol=2e-6)
+
+
+def test_bench_compiled_step_matches_train_on_batch():
+    bench_steps = _load("bench_steps")
+    x, y = _data(8)
+    reference, benched = _compiled(), _compiled()
+    before = _weights(reference)
+    reference_loss = reference.train_on_batch(x, y, return_dict=True)["loss"]
+    benched.optimizer.build(benched.trainable_variables)
+    loss = bench_steps.step_function(benched, jit_compile=False)(tf.constant(x), {k: tf.constant(v) for k, v in y.items()})
+    np.testing.assert_allclose(float(loss), reference_loss, rtol=1e-5)
+    _assert_updates_close(before, _weights(reference), _weights(benched), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy, loss_rtol, min_cosine", [("mixed_bfloat16", 1e-2, 0.995), ("mixed_float16", 2e-3, 0.9995)])
+def test_mixed_precision_loss_and_gradients_close_to_float32(policy, loss_rtol, min_cosine):
+    x, y = _data(16)
+    reference = _compiled()
+    before = _weights(reference)
+    keras.mixed_precision.set_global_policy(policy)
+    mixed = _compiled()
+    keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(before)
+    assert mixed.get_layer("fc3").compute_dtype == policy.split("_")[1]
+    assert all(v.dtype == "float32" for v in mixed.trainable_variables)
+
+    eval_ref = reference.test_on_batch(x, y, return_dict=True)
+    eval_mixed = mixed.test_on_batch(x, y, return_dict=True)
+    for key in eval_ref:
+        assert np.isfinite(eval_mixed[key])
+        np.testing.assert_allclose(eval_mixed[key], eval_ref[key], rtol=loss_rtol)
+
+    ref_loss = reference.train_on_batch(x, y, return_dict=True)["loss"]
+    mixed_loss = mixed.train_on_batch(x, y, return_dict=True)["loss"]
+    assert np.isfinite(mixed_loss)
+    np.testing.assert_allclose(mixed_loss, ref_loss, rtol=loss_rtol)
+    ref_update = np.concatenate([(w - w0).ravel() for w, w0 in zip(_weights(reference), before)])
+    mixed_update = np.concatenate([(w - w0).ravel() for w, w0 in zip(_weights(mixed), before)])
+    if policy == "mixed_float16":  # the loss-scale optimiser skips a step whose scaled gradients overflow
+        assert np.any(mixed_update)
+    cosine = ref_update @ mixed_update / (np.linalg.norm(ref_update) * np.linalg.norm(mixed_update))
+    assert cosine > min_cosine
+    np.testing.assert_allclose(np.linalg.norm(mixed_update), np.linalg.norm(ref_update), rtol=0.02)
+
+
+@pytest.mark.parametrize("source", ["numpy", "tf.data"])
+def test_steps_per_execution_matches_one_step_per_execution(source):
+    x, y = _data(64)
+    trained = {}
+    for spe in (1, 4):
+        model = _compiled(steps_per_execution=spe)
+        before = _weights(model)
+        if source == "numpy":
+            history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        else:
+            ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
+            history = model.fit(ds, epochs=2, verbose=0)
+        trained[spe] = (_weights(model), history.history["loss"])
+    np.testing.assert_allclose(trained[4][1], trained[1][1], rtol=1e-5)
+    _assert_updates_close(before, trained[1][0], trained[4][0], rtol=1e-4, atol=1e-7)
+
+
+def test_birdsnap_like_224_path_matches_plain_preprocessing(tmp_path):
+    bench_pipeline = _load("bench_pipeline")
+    from keras_cwsn.data import pipeline, preprocess
+
+    paths, labels = bench_pipeline.write_fake_birdsnap(str(tmp_path), count=5, size=(90, 110))
+    split = bench_pipeline.jpeg_split(paths, labels)
+    stats = pipeline.preprocessing_stats(split, verbose=False)
+    levels = variant_levels("D")
+    images, targets = next(iter(pipeline.make_pipeline(split, stats, 5, levels)))
+    assert images.shape == (5, 224, 224, 3)
+    for i, path in enumerate(paths):
+        decoded = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        expected = preprocess.imagenet_normalize(preprocess.resize_images(decoded, (224, 224)))
+        np.testing.assert_allclose(images[i].numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(targets["fine_fc3"].numpy(), labels)
+    info = split.info
+    np.testing.assert_array_equal(targets["coarse_fc1_side"].numpy(), info.coarse_of(labels))
+    augmented = next(iter(pipeline.make_pipeline(split, stats, 5, levels, training=True, augment=True)))[0]
+    assert augmented.shape == (5, 224, 224, 3) and np.all(np.isfinite(augmented.numpy()))
+
+
+def test_gpu_check_smoke_tensorflow_backend():
+    gpu_check = _load("gpu_check")
+    lines = []
+    results = gpu_check.main(["--steps", "2", "--warmup", "1", "--lenet-batch", "8", "--archs", "lenet",
+                              "--loss-sizes", "16x8,32x5", "--repeats", "2"], log=lines.append)
+    assert results["backend"] == "tensorflow"
+    rows = results["training"]
+    assert {(r["variant"], r["path"]) for r in rows} == {(v, p) for v in ("D", "ce") for p in ("jit step", "fit numpy")}
+    for r in rows:
+        assert r["ips"] > 0 and r["finite"], r
+    assert [(r["N"], r["K"]) for r in results["loss"]] == [(16, 8), (32, 5)]
+    assert all(r["naive_us"] is not None and r["ours_us"] > 0 for r in results["loss"])
+    assert any("Training images/second" in line for line in lines)
+
+
+def test_gpu_check_losses_match_bench_loss_and_each_other():
+    """gpu_check's keras.ops copies of the floor and naive losses equal bench_loss.py's; ours equals naive."""
+    gpu_check, bench_loss = _load("gpu_check"), _load("bench_loss")
+    rng = np.random.default_rng(3)
+    logits = tf.constant(rng.standard_normal((12, 7)).astype(np.float32) * 3.0)
+    labels = tf.constant(rng.integers(0, 3, size=12).astype(np.int32))
+    for ours, theirs in ((gpu_check.floor_loss, bench_loss.floor_loss), (gpu_check.naive_loss, bench_loss.naive_loss)):
+        np.testing.assert_allclose(float(ours(labels, logits)), float(theirs(labels, logits)), rtol=1e-6)
+    for jit in (False, True):
+        value, grad = gpu_check.value_and_grad(gpu_check.ours_loss(), jit)(logits, labels)
+        naive_value, naive_grad = gpu_check.value_and_grad(gpu_check.naive_loss, jit)(logits, labels)
+        np.testing.assert_allclose(value.numpy(), naive_value.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grad.numpy(), naive_grad.numpy(), rtol=1e-3, atol=1e-6)
+
+
+PACKAGE = ROOT / "keras_cwsn"
+
+
+def _module_path(name):
+    """Source file of `gpu_check` or of a `keras_cwsn...` module, or None if it is not a module."""
+    if name == "gpu_check":
+        return BENCH / "gpu_check.py"
+    base = ROOT / name.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def _top_level_imports(path):
+    """Modules imported at module level (not inside functions or classes) of one source file."""
+    names = set()
+    for node in ast.parse(Path(path).read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Import):
+                names.update(alias.name for alias in sub.names)
+            elif isinstance(sub, ast.ImportFrom) and sub.level == 0:
+                names.add(sub.module)
+                names.update(f"{sub.module}.{a.name}" for a in sub.names if _module_path(f"{sub.module}.{a.name}"))
+    return names
+
+
+def _tensorflow_modules():
+    """Package modules that import TensorFlow (or TFDS) at module level themselves."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        if any(m.startswith("tensorflow") for m in _top_level_imports(path)):
+            found.add(name)
+    return found
+
+
+def test_gpu_check_jax_path_imports_no_tensorflow():
+    """Statically: the module-level import chain of gpu_check.py holds no TensorFlow and no tf.data module."""
+    seen, todo = set(), ["gpu_check"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for imported in _top_level_imports(_module_path(name)):
+            assert not imported.startswith("tensorflow"), f"{name} imports {imported} at module level"
+            assert not imported.startswith("keras_cwsn.data"), f"{name} imports {imported} (tf.data)"
+            if imported.startswith("keras_cwsn") and _module_path(imported):
+                todo.append(imported)
+                if "." in imported:
+                    todo.append(imported.rsplit(".", 1)[0])  # a submodule import runs its package first
+    assert {"gpu_check", "keras_cwsn", "keras_cwsn.losses", "keras_cwsn.models"} <= seen
+
+
+def test_gpu_check_loads_no_tensorflow_module_of_the_package():
+    """At run time: importing gpu_check loads .losses and .models and no package module that imports TensorFlow."""
+    code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import gpu_check; "
+            "print(sorted(m for m in sys.modules if m.startswith('keras_cwsn')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), cwd=str(ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    assert {"keras_cwsn.losses", "keras_cwsn.models"} <= loaded
+    tf_modules = _tensorflow_modules()
+    assert "keras_cwsn.data.pipeline" in tf_modules  # the scan sees TensorFlow where it is
+    assert not loaded & tf_modules, f"gpu_check loads {sorted(loaded & tf_modules)}, which import TensorFlow"
+    assert not any(m.startswith("keras_cwsn.data") for m in loaded)
