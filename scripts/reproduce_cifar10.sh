@@ -9,6 +9,7 @@ out=${2:-runs}
 scale=${3:-0.0632}   # 6 of the paper's 95 epochs per phase
 seeds=${4:-"0 1 2"}
 tag=${TAG:-s6}
+data_dir=$(realpath "$data_dir"); out=$(realpath -m "$out")   # absolute: the script changes folder
 cd "$(dirname "$0")/.."
 for seed in $seeds; do
   for variant in ce A B C D; do
