@@ -28,37 +28,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/loss_variants.py
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-from keras_cwsn.losses import EPSILON, PairwiseKLLoss  # noqa: E402
+from loss_variants import MARGIN, floor_loss, naive_loss, ours_loss  # noqa: E402
 
 SIZES = ((128, 10), (1024, 34), (128, 4096), (1024, 4096))
-MARGIN = 2.0
-
-
-def ours_loss():
-    loss = PairwiseKLLoss(margin=MARGIN, check_finite=False)
-    return lambda labels, logits: loss(labels, logits)
-
-
-def floor_loss(labels, logits):
-    """One N x K x N product (target side detached) and one fused elementwise pass over (N, N)."""
-    del labels
-    gram = ops.matmul(ops.stop_gradient(logits), ops.transpose(logits))
-    return ops.mean(ops.relu(MARGIN - gram))
-
-
-def naive_loss(labels, logits):
-    """The same loss with KL from an explicit (N, N, K) tensor."""
-    log_p = ops.maximum(ops.log_softmax(logits, axis=-1), np.log(EPSILON).astype("float32"))
-    log_t = ops.stop_gradient(log_p)
-    t = ops.exp(log_t)
-    kl = ops.sum(t[:, None, :] * (log_t[:, None, :] - log_p[None, :, :]), axis=-1)
-    similar = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32")
-    return ops.mean(similar * kl + (1.0 - similar) * ops.relu(MARGIN - kl))
 
 
 def fwd_bwd(loss_fn, jit_compile):

@@ -34,18 +34,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/loss_variants.py
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from keras_cwsn.losses import EPSILON, PairwiseKLLoss  # noqa: E402
+from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
+from loss_variants import MARGIN, floor_loss, naive_loss, ours_loss  # noqa: E402
 from keras_cwsn.models import CLASSIFIER_OUTPUT, build_model, variant_levels, variant_loss_weights  # noqa: E402
 
 NUM_FINE, NUM_COARSE = 10, 2
 SHAPES = {"lenet": (32, 32, 3), "alexnet": (224, 224, 3)}
 LOSS_SIZES = ((128, 10), (1024, 34), (128, 4096), (1024, 4096))
-MARGIN = 2.0
 
 
 # --- backend glue: the only place that knows JAX from TensorFlow ------------------------------------
@@ -242,28 +243,6 @@ def run_training(archs, batches, variants, steps, warmup, jit, precisions=("floa
 
 
 # --- loss floor -------------------------------------------------------------------------------------
-
-def ours_loss():
-    loss = PairwiseKLLoss(margin=MARGIN, check_finite=False)
-    return lambda labels, logits: loss(labels, logits)
-
-
-def floor_loss(labels, logits):
-    """One N x K x N product (target side detached) and one elementwise pass over (N, N)."""
-    del labels
-    gram = ops.matmul(ops.stop_gradient(logits), ops.transpose(logits))
-    return ops.mean(ops.relu(MARGIN - gram))
-
-
-def naive_loss(labels, logits):
-    """The same loss with KL from an explicit (N, N, K) tensor."""
-    log_p = ops.maximum(ops.log_softmax(logits, axis=-1), np.log(EPSILON).astype("float32"))
-    log_t = ops.stop_gradient(log_p)
-    t = ops.exp(log_t)
-    kl = ops.sum(t[:, None, :] * (log_t[:, None, :] - log_p[None, :, :]), axis=-1)
-    similar = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32")
-    return ops.mean(similar * kl + (1.0 - similar) * ops.relu(MARGIN - kl))
-
 
 def time_us(fn, labels, logits, warmup, repeats):
     for _ in range(warmup):
