@@ -141,6 +141,10 @@ def main(argv=None):
         return e.code if isinstance(e.code, int) else 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _import_tensorflow_quietly()
+    if args.quiet:  # logs only: TensorFlow's Python warnings (e.g. predict retracing notices) too
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
     from keras_cwsn.config import ConfigError
     from keras_cwsn.data import DatasetUnavailableError
     from keras_cwsn.data.folder import FolderError
