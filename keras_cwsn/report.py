@@ -51,7 +51,9 @@ def group_runs(metric_files):
         with open(path) as f:
             m = json.load(f)
         c = m["config"]
-        key = (c["dataset"], c["arch"], bool(c.get("double")), c.get("schedule_scale", 1.0), c["variant"])
+        data = json.dumps(c.get("synthetic") or {}, sort_keys=True) if c["dataset"] == "synthetic" else ""
+        key = (c["dataset"] + (f" {data}" if data else ""), c["arch"], bool(c.get("double")),
+               c.get("schedule_scale", 1.0), c["variant"])
         groups.setdefault(key, []).append(m)
     return groups
 
