@@ -39,6 +39,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -46,6 +47,7 @@ import tensorflow as tf  # noqa: E402
 
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
 from keras_cwsn.models import CLASSIFIER_OUTPUT, VARIANTS, build_model, variant_levels, variant_loss_weights  # noqa: E402
+from timing import EpochTimer  # noqa: E402
 
 NUM_FINE, NUM_COARSE = 10, 2
 # name -> (arch, batch size, input shape)
@@ -310,20 +312,6 @@ def run_precision(configs, variants, rounds, alexnet_rounds, pause=None, log=pri
         del cases
         keras.backend.clear_session()
     return rows
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Wall time of every epoch of `fit`."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def fit_epoch_seconds(model, data, batch):

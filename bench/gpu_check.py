@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/loss_variants.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers (loss_variants, timing)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,6 +43,7 @@ from keras import ops  # noqa: E402
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
 from loss_variants import MARGIN, floor_loss, naive_loss, ours_loss  # noqa: E402
 from keras_cwsn.models import CLASSIFIER_OUTPUT, build_model, variant_levels, variant_loss_weights  # noqa: E402
+from timing import EpochTimer  # noqa: E402
 
 NUM_FINE, NUM_COARSE = 10, 2
 SHAPES = {"lenet": (32, 32, 3), "alexnet": (224, 224, 3)}
@@ -181,18 +182,6 @@ def make_data(arch, variant, count, seed=0):
     fine = rng.integers(0, NUM_FINE, size=count).astype(np.int32)
     by_level = {"fine": fine, "coarse": (fine % NUM_COARSE).astype(np.int32)}
     return x, {name: by_level[level] for name, level in variant_levels(variant).items()}
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def train_rates(arch, variant, batch, steps, warmup, jit, precision="float32"):
