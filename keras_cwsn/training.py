@@ -402,6 +402,10 @@ def read_resume_epoch(backup_dir, strategy):
     meta = Checkpoint.read(backup_dir)
     epoch = int(meta["epoch"]) if meta else 0
     agreed = distribute.agree_min(strategy, epoch)
+    if agreed and "checkpoints" not in meta:  # e.g. plain BackupAndRestore's {"epoch", "batch"} of early versions
+        raise RunError(f"Cannot resume from epoch {agreed}: {os.path.join(backup_dir, Checkpoint.METADATA)} is in a "
+                       f"format this version does not read (no 'checkpoints' entry; written by an older keras-cwsn?); "
+                       f"pass --overwrite to start over.")
     if agreed and agreed not in Checkpoint.available(backup_dir):
         raise RunError(f"Cannot resume from epoch {agreed}: its checkpoint is missing from {backup_dir}; "
                        f"pass --overwrite to start over.")

@@ -211,3 +211,22 @@ def test_multi_seed_command_keeps_finished_seeds(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "seeds" / "summary.json").read_text())
     assert summary["seeds"] == [0, 1]
     assert train.main(args) == 2  # the whole multi-seed run is finished now
+
+
+def test_unreadable_checkpoint_format_is_named(tmp_path):
+    """A backup folder in another format (plain BackupAndRestore metadata) is refused with a message saying so."""
+    sys.path.insert(0, ROOT)
+    import tensorflow as tf
+
+    from keras_cwsn.training import RunError, read_resume_epoch
+
+    backup = tmp_path / "backup" / "classify"
+    backup.mkdir(parents=True)
+    (backup / "latest.weights.h5").write_bytes(b"old")
+    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 4, "batch": 0}))
+    with pytest.raises(RunError, match=r"Cannot resume from epoch 4: .*training_metadata.json is in a format"):
+        read_resume_epoch(str(backup), tf.distribute.get_strategy())
+    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 4, "checkpoints": {"4": "gone.weights.h5"}}))
+    with pytest.raises(RunError, match="its checkpoint is missing"):
+        read_resume_epoch(str(backup), tf.distribute.get_strategy())
+    assert read_resume_epoch(str(tmp_path / "nothing"), tf.distribute.get_strategy()) == 0
