@@ -3,7 +3,7 @@
     python -m keras_cwsn.report runs/cifar10-* > docs/RESULTS.md
 
 Each argument is a run folder (metrics.json) or a multi-seed folder (seed_*/metrics.json); runs
-are grouped by dataset, network, variant and schedule, and reported as mean ± std and best over seeds.
+are grouped by dataset, network, variant and schedule, and reported as mean ± sample std (n - 1) and best over seeds.
 """
 
 import argparse
@@ -58,11 +58,18 @@ def group_runs(metric_files):
     return groups
 
 
+def seed_std(values):
+    """The sample standard deviation over seeds (n - 1: a handful of seeds estimates a spread), None for one seed."""
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1)) if values.size > 1 else None
+
+
 def _fmt(values, key):
     scale = 100.0 if key in PERCENT else 1.0
     values = np.asarray(values, dtype=float) * scale
-    digits = 2
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}", f"{values.max():.{digits}f}", values.mean()
+    std = seed_std(values)
+    spread = f" ± {std:.2f}" if std is not None else ""
+    return f"{values.mean():.2f}{spread}", f"{values.max():.2f}", values.mean()
 
 
 def markdown_table(groups):

@@ -43,6 +43,7 @@ from keras_cwsn.data.preprocess import write_json_atomic
 from keras_cwsn.losses import PairwiseKLLoss
 from keras_cwsn.metrics import ClusteringMetrics, clustering_report, hungarian_mapping, predict_clusters
 from keras_cwsn.models import CLASSIFIER_OUTPUT, build_model, penultimate_model, variant_levels, variant_loss_weights
+from keras_cwsn.report import seed_std
 from keras_cwsn.warmstart import WarmStart
 
 PHASES = ("cluster", "classify")
@@ -725,13 +726,13 @@ FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")
 
 
 def summarize(per_seed):
-    """Mean, std and best (by classification accuracy, as the paper's best of 5) over seeds."""
+    """Mean, sample std (None for one seed) and best (by classification accuracy, as the paper's best of 5) over seeds."""
     summary = {"seeds": [r["seed"] for r in per_seed], "per_seed": {}}
     for key in FIGURES:
         values = [r[key] for r in per_seed if key in r]
         if values:
             summary["per_seed"][key] = values
-            summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "best": float(np.max(values))}
+            summary[key] = {"mean": float(np.mean(values)), "std": seed_std(values), "best": float(np.max(values))}
     best = max(per_seed, key=lambda r: r["classification_accuracy"])
     summary["best_seed"] = best["seed"]
     return summary
@@ -768,5 +769,6 @@ def run_seeds(config, seeds, output_dir, overwrite=False, quiet=False, resume=Tr
         for key in FIGURES:
             if key in summary:
                 s = summary[key]
-                print(f"[summary] {key}: {s['mean']:.4f} ± {s['std']:.4f} (best {s['best']:.4f})")
+                spread = f" ± {s['std']:.4f}" if s["std"] is not None else ""
+                print(f"[summary] {key}: {s['mean']:.4f}{spread} (best {s['best']:.4f})")
     return summary

@@ -66,7 +66,7 @@ def test_report_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "### cifar10 / lenet, schedule_scale 0.5" in table
     ce_row = next(line for line in table.splitlines() if line.startswith("| ce "))
-    assert "71.00 ± 1.00 (best 72.00)" in ce_row and "75.48" in ce_row and "-4.48" in ce_row
+    assert "71.00 ± 1.41 (best 72.00)" in ce_row and "75.48" in ce_row and "-4.48" in ce_row
     a_row = next(line for line in table.splitlines() if line.startswith("| A "))
-    assert "60.00 ± 0.00" in a_row and "74.21 / 0.55 / 0.74 / 75.75" in a_row
+    assert "| 60.00 (best 60.00) |" in a_row and "±" not in a_row.split("|")[3] and "74.21 / 0.55 / 0.74 / 75.75" in a_row
     assert report.main([str(tmp_path / "none")]) == 2

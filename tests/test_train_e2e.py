@@ -120,6 +120,8 @@ def test_ce_baseline_and_multiple_seeds(tmp_path):
     assert len(summary["per_seed"]["classification_accuracy"]) == 2
     assert "cluster_accuracy" not in summary
     assert summary["classification_accuracy"]["best"] == max(summary["per_seed"]["classification_accuracy"])
+    assert summary["classification_accuracy"]["std"] == pytest.approx(  # the sample std over seeds (n - 1)
+        np.std(summary["per_seed"]["classification_accuracy"], ddof=1))
     assert os.path.isdir(os.path.join(out, "seed_1", "classifier"))
     assert not os.path.exists(os.path.join(out, "seed_0", "clusterer.keras"))
 
