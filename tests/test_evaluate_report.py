@@ -69,4 +69,9 @@ def test_report_table(tmp_path, capsys):
     assert "71.00 ± 1.41 (best 72.00)" in ce_row and "75.48" in ce_row and "-4.48" in ce_row
     a_row = next(line for line in table.splitlines() if line.startswith("| A "))
     assert "| 60.00 (best 60.00) |" in a_row and "±" not in a_row.split("|")[3] and "74.21 / 0.55 / 0.74 / 75.75" in a_row
+    assert a_row.rstrip().endswith("| — |")  # one run: no test against the baseline
+    _metrics(tmp_path / "a" / "seed_1", "A", 1, 0.77, cluster=0.6)
+    assert report.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
+    a_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| A "))
+    assert a_row.rstrip().endswith("| +5.00 (p = 0.07) |")  # Welch: t = 5 / sqrt(2/2 + 2/2) = 3.54, 2 degrees of freedom
     assert report.main([str(tmp_path / "none")]) == 2
