@@ -3,8 +3,9 @@
     python -m keras_cwsn.report runs/cifar10-* > docs/RESULTS.md
 
 Each argument is a run folder (metrics.json) or a multi-seed folder (seed_*/metrics.json); runs
-are grouped by dataset, network, variant and schedule, and reported as mean ± sample std (n - 1) and best over seeds, with the difference from the paper
-and from the cross-entropy baseline of the same schedule (Welch's t-test p-value).
+are grouped by dataset, network, variant and schedule, and reported as mean ± sample std (n - 1)
+and best over seeds, with the difference from the paper and from the cross-entropy baseline of the
+same schedule (Welch's t-test p-value).
 """
 
 import argparse
