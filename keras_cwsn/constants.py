@@ -1,0 +1,16 @@
+"""Names shared by the library, its command lines and its outputs: each kept here once.
+
+Imports nothing, so light entry points (the Birdsnap downloader, `predict`) can read it.
+"""
+
+PHASES = ("cluster", "classify")
+HEADS = ("hungarian", "copy", "fresh")  # how the warm start moves the clusterer's fc3 into the classifier
+STRATEGIES = ("auto", "one", "mirrored", "multiworker")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+EVAL_SPLITS = ("val", "test")
+# The figures a run reports, in the order tables show them.
+FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")
+# What `tf.io.decode_image` (and Pillow) read; folders are listed with these.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# The SavedModel asset with class names, preprocessing and training figures.
+MODEL_INFO_ASSET = "cwsn_model_info.json"
