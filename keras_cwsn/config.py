@@ -11,19 +11,15 @@ import os
 
 import yaml
 
-from keras_cwsn.models import ALL_VARIANTS, ARCHS, VARIANTS
+from keras_cwsn.constants import EVAL_SPLITS, HEADS, PRECISIONS, STRATEGIES
+from keras_cwsn.data.registry import DATASETS, get_dataset
+from keras_cwsn.errors import UserError
+from keras_cwsn.models import ALL_VARIANTS, ARCHS
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULT_CONFIGS = {
-    "synthetic": "synthetic_lenet.yaml",
-    "cifar10": "cifar10_lenet.yaml",
-    "cifar100": "cifar100_lenet.yaml",
-    "birdsnap34": "birdsnap34_alexnet.yaml",
-    "birdsnap": "birdsnap_alexnet.yaml",
-}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that names an unknown key or holds a value of the wrong type or range."""
 
 
@@ -49,24 +45,24 @@ PHASE_SCHEMA = {
     "weight_decay": (_non_negative_number, "a number >= 0"),
 }
 TOP_SCHEMA = {
-    "dataset": (lambda v: isinstance(v, str), "a dataset name"),
+    "dataset": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "arch": (lambda v: v in ARCHS, f"one of {ARCHS}"),
     "variant": (lambda v: v in ALL_VARIANTS, f"one of {ALL_VARIANTS}"),
     "double": (lambda v: isinstance(v, bool), "true or false"),
     "margin": (_positive_number, "a number > 0"),
-    "head": (lambda v: v in ("hungarian", "copy", "fresh"), "one of hungarian, copy, fresh"),
+    "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     "schedule_scale": (lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]"),
-    "eval_split": (lambda v: v in ("val", "test"), "val or test"),
+    "eval_split": (lambda v: v in EVAL_SPLITS, f"one of {', '.join(EVAL_SPLITS)}"),
     "val_per_class": (_positive_int, "an integer >= 1"),
     "data_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
     "xla": (lambda v: v in ("auto", True, False), "auto, true or false"),
-    "precision": (lambda v: v in ("float32", "mixed_bfloat16", "mixed_float16"), "float32, mixed_bfloat16 or mixed_float16"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     "augment": (lambda v: isinstance(v, bool), "true or false"),
     "metrics_every": (_positive_int, "an integer >= 1"),
     "steps_per_execution": (_positive_int, "an integer >= 1"),
     "embedding_sample": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "strategy": (lambda v: v in ("auto", "one", "mirrored", "multiworker"), "auto, one, mirrored or multiworker"),
+    "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     "synthetic": (lambda v: isinstance(v, dict), "a mapping"),
     "cluster": (lambda v: isinstance(v, dict), "a mapping of phase settings"),
     "classify": (lambda v: isinstance(v, dict), "a mapping of phase settings"),
@@ -134,9 +130,10 @@ def validate(config):
 def load_config(path=None, dataset=None):
     """Read and validate a YAML/JSON config file (or the dataset's default one)."""
     if path is None:
-        if dataset not in DEFAULT_CONFIGS:
-            raise ConfigError(f"Unknown dataset. Expected one of {', '.join(DEFAULT_CONFIGS)}. Received: {dataset!r}")
-        path = os.path.join(CONFIG_DIR, DEFAULT_CONFIGS[dataset])
+        try:
+            path = os.path.join(CONFIG_DIR, get_dataset(dataset).config_file)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path}")
     with open(path) as f:
