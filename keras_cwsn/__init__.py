@@ -10,7 +10,7 @@ from keras_cwsn._lazy import lazy_getattr
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "losses": ("PairwiseKLLoss", "pairwise_kl_loss"),
+    "losses": ("PairwiseKLLoss", "pairwise_kl_loss", "PairwiseMCLLoss", "pairwise_mcl_loss", "pairwise_loss"),
     "metrics": ("cluster_accuracy", "hungarian_mapping", "nmi", "purity", "ClusteringMetrics"),
     "models": ("build_model", "VARIANTS"),
     "warmstart": ("WarmStart", "transfer_weights"),

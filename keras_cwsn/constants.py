@@ -8,6 +8,7 @@ HEADS = ("hungarian", "copy", "fresh")  # how the warm start moves the clusterer
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 EVAL_SPLITS = ("val", "test")
+CRITERIA = ("kcl", "mcl")  # the clusterer's pairwise loss: KCL (the paper's) or MCL (Hsu et al., ICLR 2019)
 # The figures a run reports, in the order tables show them.
 FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")
 # What `tf.io.decode_image` (and Pillow) read; folders are listed with these.
