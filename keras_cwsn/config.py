@@ -11,7 +11,7 @@ import os
 
 import yaml
 
-from keras_cwsn.constants import EVAL_SPLITS, HEADS, PRECISIONS, STRATEGIES
+from keras_cwsn.constants import CRITERIA, EVAL_SPLITS, HEADS, PRECISIONS, STRATEGIES
 from keras_cwsn.data.registry import DATASETS, get_dataset
 from keras_cwsn.errors import UserError
 from keras_cwsn.models import ALL_VARIANTS, ARCHS
@@ -50,6 +50,7 @@ TOP_SCHEMA = {
     "variant": (lambda v: v in ALL_VARIANTS, f"one of {ALL_VARIANTS}"),
     "double": (lambda v: isinstance(v, bool), "true or false"),
     "margin": (_positive_number, "a number > 0"),
+    "criterion": (lambda v: v in CRITERIA, f"one of {', '.join(CRITERIA)}"),
     "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     "schedule_scale": (lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]"),
     "eval_split": (lambda v: v in EVAL_SPLITS, f"one of {', '.join(EVAL_SPLITS)}"),
@@ -76,7 +77,7 @@ SYNTHETIC_SCHEMA = {
     "noise": (_non_negative_number, "a number >= 0"),
 }
 DEFAULTS = {
-    "variant": "D", "double": False, "margin": 2.0, "head": "hungarian", "schedule_scale": 1.0,
+    "variant": "D", "double": False, "margin": 2.0, "criterion": "kcl", "head": "hungarian", "schedule_scale": 1.0,
     "eval_split": "val", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
     "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": 1, "embedding_sample": 500,
     "strategy": "auto", "synthetic": {},
