@@ -1,4 +1,4 @@
-"""Benchmark PairwiseKLLoss forward+backward against its floor and a naive all-pairs version.
+"""Benchmark PairwiseKLLoss and PairwiseMCLLoss fwd+bwd against the floor and a naive all-pairs KL.
 
 Run by hand (never a timed test):
 
@@ -14,6 +14,9 @@ Each variant computes a scalar loss and its gradient w.r.t. the (N, K) logits un
   stop-gradiented, as in ours) plus one elementwise pass over (N, N), fwd+bwd.
 - naive: KL through a materialised (N, N, K) tensor, then the same hinge (skipped where that
   tensor would exceed --naive-limit-gb).
+- mcl: `PairwiseMCLLoss()(labels, logits)`, the second criterion: softmax, one (N, K) x (K, N)
+  product P P^T, clamp, one log over (N, N); both sides carry gradient, so its backward pass is two
+  (N, N) x (N, K) products. Reported beside ours, against the same floor.
 
 DESIGN.md's goal: ours within 1.5x of the floor at (1024, 34) and (128, 4096), at least 5x
 faster than naive. Times are the median over --repeats calls after --warmup calls, in microseconds.
@@ -34,7 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import ops  # noqa: E402
 
-from loss_variants import MARGIN, floor_loss, naive_loss, ours_loss  # noqa: E402
+from loss_variants import MARGIN, floor_loss, mcl_loss, naive_loss, ours_loss  # noqa: E402
 
 SIZES = ((128, 10), (1024, 34), (128, 4096), (1024, 4096))
 
@@ -86,26 +89,29 @@ def run(sizes=SIZES, xla_modes=(False, True), repeats=10, warmup=3, naive_limit_
             labels = tf.constant(rng.integers(0, min(k, 10), size=n).astype(np.int32))
             ours = time_us(fwd_bwd(ours_loss(), jit), labels, logits, warmup, repeats)
             floor = time_us(fwd_bwd(floor_loss, jit), labels, logits, warmup, repeats)
+            mcl = time_us(fwd_bwd(mcl_loss(), jit), labels, logits, warmup, repeats)
             naive_gb = n * n * k * 4 / 1e9
             naive = None
             if naive_gb <= naive_limit_gb:
                 naive = time_us(fwd_bwd(naive_loss, jit), labels, logits, warmup, max(3, repeats // 2))
             rows.append({"xla": jit, "N": n, "K": k, "ours_us": ours, "floor_us": floor,
                          "ratio": ours / floor, "naive_us": naive,
-                         "speedup": None if naive is None else naive / ours, "naive_gb": naive_gb})
+                         "speedup": None if naive is None else naive / ours, "naive_gb": naive_gb,
+                         "mcl_us": mcl, "mcl_ratio": mcl / floor})
     return rows
 
 
 def format_table(rows):
     header = f"{'xla':>5} {'N':>6} {'K':>6} {'ours (us)':>11} {'floor (us)':>11} {'ratio':>6} " \
-             f"{'naive (us)':>12} {'speed-up vs naive':>18}"
+             f"{'naive (us)':>12} {'speed-up vs naive':>18} {'mcl (us)':>10} {'mcl ratio':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         naive = f"{r['naive_us']:12.0f}" if r["naive_us"] is not None else f"{'skipped':>12}"
         speedup = f"{r['speedup']:17.1f}x" if r["speedup"] is not None else \
             f"{'(N*N*K=' + format(r['naive_gb'], '.0f') + ' GB)':>18}"
         lines.append(f"{'on' if r['xla'] else 'off':>5} {r['N']:>6} {r['K']:>6} {r['ours_us']:11.0f} "
-                     f"{r['floor_us']:11.0f} {r['ratio']:6.2f} {naive} {speedup}")
+                     f"{r['floor_us']:11.0f} {r['ratio']:6.2f} {naive} {speedup} {r['mcl_us']:10.0f} "
+                     f"{r['mcl_ratio']:9.2f}")
     return "\n".join(lines)
 
 
