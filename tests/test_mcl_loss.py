@@ -378,7 +378,8 @@ def test_mcl_learns_the_pairs():
 def test_serialization_round_trip_keeps_options():
     loss = PairwiseMCLLoss(from_logits=False, check_finite=False, reduction="sum", name="mcl_fc3")
     config = loss.get_config()
-    assert {"from_logits": False, "check_finite": False, "reduction": "sum", "name": "mcl_fc3"}.items() <= config.items()
+    expected = {"from_logits": False, "check_finite": False, "reduction": "sum", "name": "mcl_fc3"}
+    assert expected.items() <= config.items()
     assert "margin" not in config
     restored = keras.losses.deserialize(keras.losses.serialize(loss))
     assert isinstance(restored, PairwiseMCLLoss)
