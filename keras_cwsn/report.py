@@ -1,21 +1,36 @@
-"""Gather runs into a Markdown results table beside the paper's Table 3.
+"""Gather runs into a Markdown results table beside the paper's Table 3, and optionally PNG plots.
 
     python -m keras_cwsn.report runs/cifar10-* > docs/RESULTS.md
+    python -m keras_cwsn.report runs/cifar10-* --plots docs/figures > docs/RESULTS.md
 
 Each argument is a run folder (metrics.json) or a multi-seed folder (seed_*/metrics.json); runs
-are grouped by dataset, network, variant and schedule, and reported as mean ± sample std (n - 1)
-and best over seeds, with the difference from the paper and from the cross-entropy baseline of the
-same schedule (Welch's t-test p-value).
+are grouped by dataset, network, variant, pairwise criterion and schedule, and reported as mean ±
+sample std (n - 1) and best over seeds, with the difference from the paper and from the
+cross-entropy baseline of the same schedule (Welch's t-test p-value). A variant trained with the
+MCL criterion is reported as its own row, e.g. "A mcl".
+
+--plots DIR also writes, per table, two PNG figures read from the runs' per-epoch histories:
+DIR/<table>-cluster.png (clustering accuracy and NMI per epoch of the cluster phase) and
+DIR/<table>-classify.png (classification accuracy per epoch of the warm start, with the `ce`
+baseline), each variant's mean over seeds as a line and its min-max over seeds as a band. It
+needs matplotlib (pip install matplotlib).
 """
 
 import argparse
+import csv
 import glob
+import hashlib
 import json
 import os
+import re
 import sys
+import warnings
 
 import numpy as np
 from scipy import stats
+
+from keras_cwsn.constants import FIGURES
+from keras_cwsn.errors import UserError
 
 # Table 3 of the paper (best of 5 runs): clustering accuracy %, NMI, purity, warm-start classification %.
 PAPER_TABLE3 = {
@@ -28,7 +43,6 @@ PAPER_TABLE3 = {
         "C": (24.84, 0.51, 0.25, 70.70), "D": (22.29, 0.49, 0.22, 65.61),
     },
 }
-FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")
 PERCENT = {"cluster_accuracy", "classification_accuracy"}
 VARIANT_ORDER = ("ce", "A", "B", "C", "D")
 
@@ -48,15 +62,30 @@ def find_metrics(paths):
     return found
 
 
+def row_label(config):
+    """The table row of a run: its variant, followed by its pairwise criterion where that is not KCL
+    (the paper's, and the only one before the `criterion` key existed); `ce` has no pairwise loss."""
+    variant, criterion = config["variant"], config.get("criterion", "kcl")
+    return variant if variant == "ce" or criterion == "kcl" else f"{variant} {criterion}"
+
+
+def _variant_sort_key(label):
+    variant, _, criterion = label.partition(" ")
+    return (VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else 99, criterion)
+
+
 def group_runs(metric_files):
+    """{(dataset, arch, double, schedule_scale, row label): [metrics dicts]}; each dict gets `run_dir`,
+    the folder its metrics.json is in (where the per-epoch histories are)."""
     groups = {}
     for path in metric_files:
         with open(path) as f:
             m = json.load(f)
+        m["run_dir"] = os.path.dirname(os.path.abspath(path))
         c = m["config"]
         data = json.dumps(c.get("synthetic") or {}, sort_keys=True) if c["dataset"] == "synthetic" else ""
         key = (c["dataset"] + (f" {data}" if data else ""), c["arch"], bool(c.get("double")),
-               c.get("schedule_scale", 1.0), c["variant"])
+               c.get("schedule_scale", 1.0), row_label(c))
         groups.setdefault(key, []).append(m)
     return groups
 
@@ -100,8 +129,7 @@ def markdown_table(groups):
                   "| variant | seeds | cluster acc. % | NMI | purity | warm-start class. acc. % | paper (acc / NMI / purity / class.) | ours − paper (class., mean) | ours − ce (class., Welch p) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         baseline = groups.get((dataset, arch, double, scale, "ce"), [])
-        variants = sorted((k[4] for k in groups if k[:4] == (dataset, arch, double, scale)),
-                          key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 99)
+        variants = sorted((k[4] for k in groups if k[:4] == (dataset, arch, double, scale)), key=_variant_sort_key)
         for variant in variants:
             runs = groups[(dataset, arch, double, scale, variant)]
             cells, means = [], {}
@@ -113,7 +141,7 @@ def markdown_table(groups):
                     means[key] = mean
                 else:
                     cells.append("—")
-            ref = paper.get(variant)
+            ref = paper.get(variant.partition(" ")[0])  # the paper's figures are KCL's
             ref_text = " / ".join("—" if v is None else f"{v}" for v in ref) if ref else "—"
             diff = f"{means['classification_accuracy'] - ref[3]:+.2f}" if ref and "classification_accuracy" in means else "—"
             seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
@@ -123,17 +151,204 @@ def markdown_table(groups):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# Plots: per-epoch curves from the runs' CSV histories
+# ---------------------------------------------------------------------------------------------
+
+# figure -> (history file, columns it may be in (the first one present is read), axis label, scale).
+CURVES = {
+    "cluster_accuracy": ("cluster_history.csv", ("val_cluster_accuracy",), "clustering accuracy %", 100.0),
+    "nmi": ("cluster_history.csv", ("val_nmi",), "NMI", 1.0),
+    "classification_accuracy": ("classify_history.csv", ("val_accuracy", "val_classification_accuracy"),
+                                "classification accuracy %", 100.0),
+}
+
+
+def read_history(path):
+    """A Keras CSVLogger file as {column: float array}, one row per epoch (`epoch` counted from 0).
+
+    Where an epoch appears more than once (a run resumed from an earlier checkpoint logs it again),
+    the last row wins. Empty cells read as NaN.
+    """
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_epoch = {}
+    for row in rows:
+        if row.get("epoch") not in (None, ""):
+            by_epoch[int(float(row["epoch"]))] = row
+    epochs = sorted(by_epoch)
+    columns = rows[0].keys() if rows else ()
+    history = {"epoch": np.array(epochs, dtype=int)}
+    for column in columns:
+        if column != "epoch":
+            history[column] = np.array([float(by_epoch[e][column]) if by_epoch[e].get(column) not in (None, "")
+                                        else np.nan for e in epochs], dtype=float)
+    return history
+
+
+def run_curve(run_dir, figure):
+    """(epochs, values) of one figure of one run, on CURVES' scale; None where the run has no such history."""
+    filename, columns, _, scale = CURVES[figure]
+    path = os.path.join(run_dir, filename)
+    if not os.path.isfile(path):
+        return None
+    history = read_history(path)
+    column = next((c for c in columns if c in history), None)
+    if column is None:
+        return None
+    return history["epoch"], history[column] * scale
+
+
+def aggregate_curves(curves):
+    """Mean, sample std, min and max over runs per epoch, from a list of (epochs, values).
+
+    Runs of different lengths are aligned by epoch; each epoch aggregates the runs that reached it
+    (`count`). Returns {"epoch", "mean", "std", "min", "max", "count"} arrays (std NaN for one run).
+    """
+    epochs = sorted({int(e) for ep, _ in curves for e in ep})
+    table = np.full((len(curves), len(epochs)), np.nan)
+    column = {e: i for i, e in enumerate(epochs)}
+    for r, (ep, values) in enumerate(curves):
+        for e, v in zip(ep, values):
+            table[r, column[int(e)]] = v
+    count = np.sum(~np.isnan(table), axis=0)
+    with warnings.catch_warnings():  # an epoch with no value (all NaN) gives NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        std = np.nanstd(table, axis=0, ddof=1) if len(curves) > 1 else np.full(len(epochs), np.nan)
+        return {"epoch": np.array(epochs, dtype=int), "mean": np.nanmean(table, axis=0),
+                "std": np.where(count > 1, std, np.nan), "min": np.nanmin(table, axis=0),
+                "max": np.nanmax(table, axis=0), "count": count}
+
+
+def table_curves(groups):
+    """Per results table, per figure, per row label: the aggregate of its runs' curves (runs without one skipped).
+
+    Returns {(dataset, arch, double, schedule_scale): {figure: {label: (aggregate, number of runs)}}}, with
+    rows in table order; the classification figure includes the `ce` baseline.
+    """
+    out = {}
+    for key in sorted({k[:4] for k in groups}):
+        labels = sorted((k[4] for k in groups if k[:4] == key), key=_variant_sort_key)
+        out[key] = {}
+        for figure in CURVES:
+            rows = {}
+            for label in labels:
+                curves = [c for c in (run_curve(m["run_dir"], figure) for m in groups[key + (label,)]) if c is not None]
+                if curves:
+                    rows[label] = (aggregate_curves(curves), len(curves))
+            out[key][figure] = rows
+    return out
+
+
+def figure_slug(table_key):
+    """A file-name stem for a results table: `cifar10-lenet-s0.0632`, `synthetic-1a2b3c4d-lenet-s1`."""
+    dataset, arch, double, scale = table_key
+    name, _, settings = dataset.partition(" ")
+    if settings:
+        name += "-" + hashlib.sha1(settings.encode()).hexdigest()[:8]
+    slug = f"{name}-{arch}{'-double' if double else ''}-s{scale:g}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", slug)
+
+
+def _import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plots needs matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(label):
+    """Line colour and style of a row: ce black dashed; A-D colours C0-C3; another criterion C4-C7, dash-dot."""
+    variant, _, criterion = label.partition(" ")
+    if variant == "ce":
+        return {"color": "black", "linestyle": "--"}
+    index = VARIANT_ORDER.index(variant) - 1 if variant in VARIANT_ORDER else 4
+    return {"color": f"C{(index + 4 * bool(criterion)) % 10}", "linestyle": "-." if criterion else "-"}
+
+
+def _draw(ax, rows, figure):
+    for label, (agg, n) in rows.items():
+        x = agg["epoch"] + 1  # after epoch 1, 2, ...
+        style = _style(label)
+        name = "ce (baseline)" if label == "ce" else label
+        ax.plot(x, agg["mean"], marker="o", markersize=3, label=f"{name} ({n} seed{'s' if n > 1 else ''})",
+                **style)
+        if n > 1:
+            ax.fill_between(x, agg["min"], agg["max"], alpha=0.15, color=style["color"], linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(CURVES[figure][2])
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def make_figures(table_key, curves, split="val"):
+    """The matplotlib figures of one results table: {"cluster": Figure, "classify": Figure} (either left
+    out where no run has its history). `curves` is one entry of `table_curves`."""
+    plt = _import_pyplot()
+    dataset, arch, double, scale = table_key
+    title = f"{dataset} / {arch}{' (double)' if double else ''}, schedule_scale {scale:g}"
+    spread = "line: mean over seeds, band: min-max"
+    figures = {}
+    if curves["cluster_accuracy"] or curves["nmi"]:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, figure in zip(axes, ("cluster_accuracy", "nmi")):
+            _draw(ax, curves[figure], figure)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{title}\ncluster phase, {split} split ({spread})", fontsize=10)
+        fig.tight_layout()
+        figures["cluster"] = fig
+    if curves["classification_accuracy"]:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        _draw(ax, curves["classification_accuracy"], "classification_accuracy")
+        ax.legend(fontsize=8)
+        fig.suptitle(f"{title}\nwarm start vs ce, {split} split ({spread})", fontsize=10)
+        fig.tight_layout()
+        figures["classify"] = fig
+    return figures
+
+
+def plot_figures(groups, out_dir):
+    """Write every table's PNG figures into `out_dir` (created); returns the paths written."""
+    plt = _import_pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for table_key, curves in table_curves(groups).items():
+        runs = [m for k, ms in groups.items() if k[:4] == table_key for m in ms]
+        split = "/".join(sorted({str(m.get("eval_split") or m["config"].get("eval_split", "val")) for m in runs}))
+        for name, fig in make_figures(table_key, curves, split).items():
+            path = os.path.join(out_dir, f"{figure_slug(table_key)}-{name}.png")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_cwsn.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders or metrics.json files")
+    parser.add_argument("--plots", metavar="DIR", default=None,
+                        help="also write PNG figures of the per-epoch curves into DIR (needs matplotlib)")
     args = parser.parse_args(argv)
     try:
         groups = group_runs(find_metrics(args.runs))
+        if args.plots is not None:
+            _import_pyplot()  # fail before printing anything
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(groups))
+    if args.plots is not None:
+        try:
+            for path in plot_figures(groups, args.plots):
+                print(f"wrote {path}", file=sys.stderr)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

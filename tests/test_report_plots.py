@@ -1,0 +1,191 @@
+"""The report's PNG plots (`--plots DIR`): curves read from fabricated run folders, checked against hand values."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_cwsn import report
+
+pytest.importorskip("matplotlib")
+from PIL import Image  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_HEADER = "epoch,learning_rate,loss,val_cluster_accuracy,val_nmi,val_purity"
+CLASSIFY_HEADER = "epoch,accuracy,learning_rate,loss,val_accuracy,val_loss"
+
+
+def write_run(path, variant, seed, cluster=None, classify=None, criterion=None, acc=0.7):
+    """A finished run folder: metrics.json, and the histories as CSVLogger writes them.
+
+    cluster: [(val_cluster_accuracy, val_nmi), ...] per epoch; classify: [val_accuracy, ...] per epoch.
+    """
+    os.makedirs(path, exist_ok=True)
+    config = {"dataset": "cifar10", "arch": "lenet", "double": False, "schedule_scale": 0.5, "variant": variant,
+              "eval_split": "val"}
+    if criterion is not None:
+        config["criterion"] = criterion
+    acc = classify[-1] if classify else acc
+    metrics = {"config": config, "seed": seed, "classification_accuracy": acc, "eval_split": "val"}
+    if cluster is not None:
+        metrics.update(cluster_accuracy=cluster[-1][0], nmi=cluster[-1][1], purity=0.5)
+        with open(os.path.join(path, "cluster_history.csv"), "w") as f:
+            f.write(CLUSTER_HEADER + "\n")
+            for epoch, (accuracy, nmi) in enumerate(cluster):
+                f.write(f"{epoch},0.01,0.4,{accuracy},{nmi},0.5\n")
+    if classify is not None:
+        with open(os.path.join(path, "classify_history.csv"), "w") as f:
+            f.write(CLASSIFY_HEADER + "\n")
+            for epoch, accuracy in enumerate(classify):
+                f.write(f"{epoch},0.9,0.01,1.0,{accuracy},1.1\n")
+    with open(os.path.join(path, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """ce x 2 seeds, A x 2 seeds (seed 1 one epoch longer in both phases), A with MCL x 1 seed."""
+    write_run(tmp_path / "ce" / "seed_0", "ce", 0, classify=[0.50, 0.60, 0.70])
+    write_run(tmp_path / "ce" / "seed_1", "ce", 1, classify=[0.54, 0.62, 0.68])
+    write_run(tmp_path / "A" / "seed_0", "A", 0, cluster=[(0.20, 0.10), (0.30, 0.20)], classify=[0.52, 0.64, 0.71])
+    write_run(tmp_path / "A" / "seed_1", "A", 1, cluster=[(0.24, 0.14), (0.28, 0.18), (0.36, 0.26)],
+              classify=[0.48, 0.60, 0.69, 0.72])
+    write_run(tmp_path / "A-mcl" / "seed_0", "A", 0, cluster=[(0.40, 0.30), (0.50, 0.40)], classify=[0.6, 0.7],
+              criterion="mcl")
+    return tmp_path
+
+
+def test_aggregate_curves_by_hand():
+    agg = report.aggregate_curves([(np.array([0, 1, 2]), np.array([0.2, 0.3, 0.4])),
+                                   (np.array([0, 1]), np.array([0.4, 0.5]))])
+    np.testing.assert_array_equal(agg["epoch"], [0, 1, 2])
+    np.testing.assert_allclose(agg["mean"], [0.3, 0.4, 0.4])
+    np.testing.assert_allclose(agg["min"], [0.2, 0.3, 0.4])
+    np.testing.assert_allclose(agg["max"], [0.4, 0.5, 0.4])
+    np.testing.assert_array_equal(agg["count"], [2, 2, 1])
+    np.testing.assert_allclose(agg["std"][:2], [np.sqrt(0.02), np.sqrt(0.02)])  # sample std (n - 1)
+    assert np.isnan(agg["std"][2])  # one run reached epoch 2: no spread
+    single = report.aggregate_curves([(np.array([0, 1]), np.array([0.1, 0.2]))])
+    np.testing.assert_allclose(single["mean"], [0.1, 0.2])
+    assert np.all(np.isnan(single["std"]))
+
+
+def test_read_history_last_row_of_a_repeated_epoch_wins(tmp_path):
+    path = tmp_path / "classify_history.csv"
+    path.write_text(CLASSIFY_HEADER + "\n0,0.1,0.01,1,0.50,1\n1,0.1,0.01,1,0.60,1\n1,0.1,0.01,1,0.65,1\n"
+                    "2,0.1,0.01,1,,1\n")
+    history = report.read_history(str(path))
+    np.testing.assert_array_equal(history["epoch"], [0, 1, 2])
+    np.testing.assert_allclose(history["val_accuracy"][:2], [0.50, 0.65])  # the resumed epoch 1's row
+    assert np.isnan(history["val_accuracy"][2])
+
+
+def test_table_curves_equal_the_csv_values(runs):
+    groups = report.group_runs(report.find_metrics([str(runs / d) for d in ("ce", "A", "A-mcl")]))
+    curves = report.table_curves(groups)
+    assert list(curves) == [("cifar10", "lenet", False, 0.5)]
+    table = curves[("cifar10", "lenet", False, 0.5)]
+    assert list(table["cluster_accuracy"]) == ["A", "A mcl"]  # ce has no cluster phase
+    assert list(table["classification_accuracy"]) == ["ce", "A", "A mcl"]
+    agg, n = table["cluster_accuracy"]["A"]
+    assert n == 2
+    np.testing.assert_array_equal(agg["epoch"], [0, 1, 2])
+    np.testing.assert_allclose(agg["mean"], [22.0, 29.0, 36.0])  # percent: (20 + 24) / 2, (30 + 28) / 2, 36
+    np.testing.assert_allclose(agg["min"], [20.0, 28.0, 36.0])
+    np.testing.assert_allclose(agg["max"], [24.0, 30.0, 36.0])
+    np.testing.assert_array_equal(agg["count"], [2, 2, 1])
+    agg, _ = table["nmi"]["A"]
+    np.testing.assert_allclose(agg["mean"], [0.12, 0.19, 0.26])  # NMI is not scaled
+    agg, n = table["classification_accuracy"]["ce"]
+    assert n == 2
+    np.testing.assert_allclose(agg["mean"], [52.0, 61.0, 69.0])
+    np.testing.assert_allclose(agg["max"], [54.0, 62.0, 70.0])
+    agg, n = table["classification_accuracy"]["A mcl"]
+    assert n == 1
+    np.testing.assert_allclose(agg["mean"], [60.0, 70.0])
+
+
+def test_plotted_lines_are_the_aggregates(runs):
+    import matplotlib.pyplot as plt
+
+    groups = report.group_runs(report.find_metrics([str(runs)]))
+    key = ("cifar10", "lenet", False, 0.5)
+    curves = report.table_curves(groups)[key]
+    figures = report.make_figures(key, curves)
+    assert set(figures) == {"cluster", "classify"}
+    accuracy_axes, nmi_axes = figures["cluster"].axes
+    for ax, figure in ((accuracy_axes, "cluster_accuracy"), (nmi_axes, "nmi")):
+        lines = ax.get_lines()
+        assert [line.get_label().split(" (")[0] for line in lines] == ["A", "A mcl"]
+        for line, (agg, _) in zip(lines, curves[figure].values()):
+            np.testing.assert_array_equal(line.get_xdata(), agg["epoch"] + 1)  # epochs shown from 1
+            np.testing.assert_allclose(line.get_ydata(), agg["mean"])
+    lines = figures["classify"].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["ce (baseline) (2 seeds)", "A (2 seeds)", "A mcl (1 seed)"]
+    np.testing.assert_allclose(lines[0].get_ydata(), [52.0, 61.0, 69.0])
+    assert lines[0].get_linestyle() == "--"
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_main_writes_valid_pngs_and_the_table(runs, tmp_path, capsys):
+    out = tmp_path / "figures"
+    assert report.main([str(runs / "ce"), str(runs / "A"), str(runs / "A-mcl"), "--plots", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "### cifar10 / lenet, schedule_scale 0.5" in captured.out
+    assert "| A mcl | 0 |" in captured.out and "74.21 / 0.55 / 0.74 / 75.75" in captured.out
+    names = sorted(os.listdir(out))
+    assert names == ["cifar10-lenet-s0.5-classify.png", "cifar10-lenet-s0.5-cluster.png"]
+    for name in names:
+        assert f"wrote {out / name}" in captured.err
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+            image.verify()
+        with Image.open(out / name) as image:
+            width, height = image.size
+            assert width > 300 and height > 200
+            assert len(np.unique(np.asarray(image.convert("L")))) > 10  # something was drawn
+
+
+def test_runs_without_histories_give_no_figure(tmp_path, capsys):
+    """metrics.json alone (no CSV histories): the table as before, no PNG, no error."""
+    write_run(tmp_path / "ce" / "seed_0", "ce", 0)
+    write_run(tmp_path / "ce" / "seed_1", "ce", 1, classify=[0.5, 0.6])  # one seed with a history: plotted alone
+    out = tmp_path / "figures"
+    assert report.main([str(tmp_path / "ce"), "--plots", str(out)]) == 0
+    assert os.listdir(out) == ["cifar10-lenet-s0.5-classify.png"]
+    assert "| ce | 0,1 |" in capsys.readouterr().out
+
+
+def test_missing_matplotlib_is_one_clear_line(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert report.main([str(runs / "A"), "--plots", str(tmp_path / "figures")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing half-done
+    assert captured.err.strip().splitlines() == [
+        "error: --plots needs matplotlib, which is not installed: pip install matplotlib"]
+    assert not (tmp_path / "figures").exists()
+    # Without --plots the report does not need it.
+    assert report.main([str(runs / "A")]) == 0
+
+
+def test_figure_slug():
+    assert report.figure_slug(("cifar10", "lenet", False, 0.0632)) == "cifar10-lenet-s0.0632"
+    assert report.figure_slug(("birdsnap34", "alexnet", True, 1.0)) == "birdsnap34-alexnet-double-s1"
+    slug = report.figure_slug(('synthetic {"num_coarse": 4}', "lenet", False, 1.0))
+    assert slug.startswith("synthetic-") and slug.endswith("-lenet-s1") and " " not in slug and "{" not in slug
+
+
+def test_report_with_plots_loads_no_tensorflow(runs, tmp_path):
+    code = ("import sys; from keras_cwsn import report; "
+            f"code = report.main([{str(runs)!r}, '--plots', {str(tmp_path / 'figs')!r}]); "
+            "print('RESULTS', code, any(m == 'tensorflow' or m.startswith('tensorflow.') or m == 'keras' "
+            "for m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    line = [line for line in done.stdout.splitlines() if line.startswith("RESULTS")]
+    assert done.returncode == 0 and line, done.stderr[-2000:]
+    assert line[-1] == "RESULTS 0 False"
