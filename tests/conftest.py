@@ -1,19 +1,94 @@
-"""Shared fixtures: a private cache folder, tiny image trees built in the test, tiny configs."""
+"""Shared test helpers: paths, the subprocess environment, tiny models and data, NumPy references, one protocol run.
 
+Everything the test files used to repeat lives here once:
+- `ROOT` (the repository) is on `sys.path`, so `import train` works from any working directory;
+- `subprocess_env(...)`: the environment of a child Python process (quiet TensorFlow, this checkout
+  importable, a private cache);
+- `tiny_clusterer`, `random_images`, `softmax`, the `float32_policy` fixture;
+- `make_cifar_tree`, `write_image`, `tiny_config`: small datasets and configs;
+- `yuv_reference`, `uv_stats_reference`, `imagenet_reference`: the preprocessing written out in
+  NumPy float64 from the published coefficients, never by calling the code under test;
+- `protocol_run`: one tiny run of the whole protocol (train.py, variant D) for the session, shared by
+  test_export.py and test_train_e2e.py, with the in-memory classifier and the warm start's inputs captured.
+"""
+
+import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Hsu & Kira's CIFAR-10 hierarchy (DESIGN.md), written out here rather than read from the package's table.
+CIFAR10_ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
+CIFAR10_VEHICLES = ("airplane", "automobile", "ship", "truck")
 
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     """Keep decoded-folder and statistics caches out of the user's ~/.cache."""
     monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def float32_policy():
+    """Restore the global dtype policy (and Keras's name counters) whatever a test does with them."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def subprocess_env(cache_dir=None, **extra):
+    """Environment of a child Python process: quiet TensorFlow, this checkout first on PYTHONPATH, a cache folder."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if cache_dir is not None:
+        env["KERAS_CWSN_CACHE"] = str(cache_dir)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def error_line(capsys):
+    """The single `error: ...` line a failed command printed on stderr (and nothing else there)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models and data
+# ---------------------------------------------------------------------------------------------
+
+
+def random_images(n=4, shape=(32, 32, 3), seed=0):
+    """Standard-normal float32 images (already "preprocessed"), seeded."""
+    return np.random.default_rng(seed).standard_normal((n,) + tuple(shape)).astype(np.float32)
+
+
+def softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def tiny_clusterer(num_clusters=4, input_dim=6, hidden="hidden"):
+    """A two-Dense-layer model with one `fine_fc3` logits output (uncompiled): loss and metric tests use it."""
+    import keras
+
+    inputs = keras.Input((input_dim,), name="x")
+    x = keras.layers.Dense(8, activation="relu", name=hidden)(inputs)
+    logits = keras.layers.Dense(num_clusters, name="fc3")(x)
+    return keras.Model(inputs, {"fine_fc3": logits})
 
 
 def write_image(path, array):
@@ -50,3 +125,100 @@ def tiny_config(**overrides):
     config.update(embedding_sample=16)
     config.update(overrides)
     return validate(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent preprocessing references (NumPy float64, coefficients written out)
+# ---------------------------------------------------------------------------------------------
+
+# ITU-R BT.601 luma, and the analogue YUV colour differences U = 0.492111 (B - Y), V = 0.877283 (R - Y).
+BT601_LUMA = (0.299, 0.587, 0.114)
+BT601_U_SCALE, BT601_V_SCALE = 0.492111, 0.877283
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def rgb_to_yuv_reference(images):
+    """uint8 (or float 0..255) RGB (..., 3) -> float64 YUV, RGB scaled to [0, 1] first."""
+    rgb = np.asarray(images, dtype=np.float64) / 255.0
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = BT601_LUMA[0] * r + BT601_LUMA[1] * g + BT601_LUMA[2] * b
+    return np.stack([y, BT601_U_SCALE * (b - y), BT601_V_SCALE * (r - y)], axis=-1)
+
+
+def uv_stats_reference(images):
+    """(uv_mean, uv_std) over every pixel of a split: the population mean and std of U and V."""
+    uv = rgb_to_yuv_reference(images)[..., 1:].reshape(-1, 2)
+    return uv.mean(axis=0), uv.std(axis=0)
+
+
+def yuv_reference(images, uv_mean, uv_std):
+    """Hsu & Kira's input: Y standardised per image (by its own mean and std), U and V by the given statistics."""
+    yuv = rgb_to_yuv_reference(images)
+    y = yuv[..., 0]
+    axes = tuple(range(y.ndim - 2, y.ndim))
+    mean = y.mean(axis=axes, keepdims=True)
+    std = y.std(axis=axes, keepdims=True)
+    y = (y - mean) / np.maximum(std, 1.0 / np.sqrt(y.shape[-1] * y.shape[-2]))
+    uv = (yuv[..., 1:] - np.asarray(uv_mean, np.float64)) / np.asarray(uv_std, np.float64)
+    return np.concatenate([y[..., None], uv], axis=-1)
+
+
+def imagenet_reference(images):
+    """RGB scaled to [0, 1], then ImageNet's per-channel mean and std."""
+    x = np.asarray(images, dtype=np.float64) / 255.0
+    return (x - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+
+
+# ---------------------------------------------------------------------------------------------
+# One tiny run of the whole protocol, shared by the session
+# ---------------------------------------------------------------------------------------------
+
+TINY_RUN_ARGS = ["--set", "synthetic.train_size=192", "--set", "synthetic.eval_size=64", "--epochs", "1",
+                 "--batch-size", "32", "--set", "embedding_sample=16", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def protocol_run(tmp_path_factory):
+    """`train.py --variant D` on tiny embedded data, once per session.
+
+    Returns a dict: `dir` (the run folder), `model_dir` (its SavedModel), `metrics` (metrics.json),
+    `config`, and what the run handed to two library calls, captured on the way:
+    - `export`: the arguments of `export.export_classifier` (the in-memory Keras `classifier`,
+      `class_names`, `image_size`, `stats`, `kwargs`);
+    - `warm_start`: the `mapping` the warm start received, the clusterer's fc3 weights and the
+      classifier's fc3 weights right after the transfer (before any fine-tuning step).
+    """
+    import train
+    from keras_cwsn import export as export_lib
+    from keras_cwsn import warmstart
+
+    root = tmp_path_factory.mktemp("protocol_run")
+    out = str(root / "run")
+    captured = {"export": {}, "warm_start": {}}
+    real_export, real_transfer = export_lib.export_classifier, warmstart.transfer_weights
+
+    def capture_export(classifier, path, class_names, image_size, stats, **kwargs):
+        captured["export"].update(classifier=classifier, class_names=list(class_names), image_size=tuple(image_size),
+                                  stats=stats, kwargs=kwargs)
+        return real_export(classifier, path, class_names, image_size, stats, **kwargs)
+
+    def capture_transfer(clusterer, classifier, head="hungarian", mapping=None):
+        copied = real_transfer(clusterer, classifier, head, mapping)
+        captured["warm_start"].update(
+            head=head, mapping=None if mapping is None else np.asarray(mapping).copy(), copied=list(copied),
+            clusterer_fc3=[np.array(w) for w in clusterer.get_layer("fc3").get_weights()],
+            classifier_fc3=[np.array(w) for w in classifier.get_layer("fc3").get_weights()],
+            clusterer_conv1=[np.array(w) for w in clusterer.get_layer("conv1").get_weights()],
+            classifier_conv1=[np.array(w) for w in classifier.get_layer("conv1").get_weights()])
+        return copied
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_CWSN_CACHE", str(root / "cache"))
+        mp.setattr(export_lib, "export_classifier", capture_export)
+        mp.setattr(warmstart, "transfer_weights", capture_transfer)
+        assert train.main(["--variant", "D", "--output-dir", out, *TINY_RUN_ARGS]) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    return dict(captured, dir=out, model_dir=os.path.join(out, "classifier"), metrics=metrics,
+                config=metrics["config"])
