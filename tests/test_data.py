@@ -6,10 +6,27 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CIFAR10_CLASSES, make_cifar_tree, write_image
+from conftest import (
+    CIFAR10_ANIMALS,
+    CIFAR10_CLASSES,
+    CIFAR10_VEHICLES,
+    make_cifar_tree,
+    uv_stats_reference,
+    write_image,
+    yuv_reference,
+)
 from keras_cwsn import data
 from keras_cwsn.data import folder, preprocess
 from keras_cwsn.data.synthetic import make_synthetic
+
+
+def _refuse(what):
+    """A stand-in for a function that must not run (the cache should answer instead)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{what} ran again: the cache was not read")
+
+    return refuse
 
 
 def test_synthetic_is_deterministic_balanced_and_hierarchical():
@@ -60,10 +77,22 @@ def test_folder_skips_undecodable_files_and_counts_them(tmp_path, capsys):
     assert sorted(os.path.basename(p) for p in report["skipped_undecodable"]) == ["broken.jpg", "empty.jpg"]
     assert report["non_image_files"] == 1
     assert "skipped 2 undecodable" in capsys.readouterr().out
-    # the second read comes from the cache and says the same
-    _, labels2, report2 = folder.load_folder_split(str(tmp_path), "train", CIFAR10_CLASSES, (32, 32))
+
+
+
+def test_second_folder_read_comes_from_the_cache(tmp_path, monkeypatch):
+    make_cifar_tree(tmp_path, per_class=2)
+    (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    images, labels, report = folder.load_folder_split(str(tmp_path), "train", CIFAR10_CLASSES, (32, 32))
+    monkeypatch.setattr(folder, "decode_files", _refuse("decode_files"))
+    images2, labels2, report2 = folder.load_folder_split(str(tmp_path), "train", CIFAR10_CLASSES, (32, 32))
+    np.testing.assert_array_equal(images, images2)
     np.testing.assert_array_equal(labels, labels2)
-    assert report2["skipped_undecodable"] == report["skipped_undecodable"]
+    assert report2["skipped_undecodable"] == report["skipped_undecodable"] != []
+    # A changed listing is a different cache entry: the files are decoded again.
+    write_image(str(tmp_path / "train" / "cat" / "new.png"), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(AssertionError, match="decode_files ran again"):
+        folder.load_folder_split(str(tmp_path), "train", CIFAR10_CLASSES, (32, 32))
 
 
 def test_folder_resizes_odd_sizes_and_converts_grey(tmp_path):
@@ -94,22 +123,66 @@ def test_missing_data_dir_and_unknown_dataset_are_clear(tmp_path):
         data.load_split("synthetic", "validation")
 
 
-def test_yuv_normalisation_statistics(tmp_path):
+# Hand-computed BT.601 YUV of pure colours (Y = .299 R + .587 G + .114 B, U = .492111 (B - Y),
+# V = .877283 (R - Y), RGB in [0, 1]):
+#   red   Y .299  U .492111 x -.299 = -.147141  V .877283 x  .701 =  .614975
+#   green Y .587  U .492111 x -.587 = -.288869  V .877283 x -.587 = -.514965
+#   blue  Y .114  U .492111 x  .886 =  .436010  V .877283 x -.114 = -.100010
+#   white Y 1     U 0                           V 0
+PURE = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 255]]], np.uint8)
+PURE_Y = np.array([[0.299, 0.587], [0.114, 1.0]])
+PURE_U = np.array([[-0.147141, -0.288869], [0.436010, 0.0]])
+PURE_V = np.array([[0.614975, -0.514965], [-0.100010, 0.0]])
+
+
+def test_yuv_of_known_pixels_by_hand():
+    uv_mean, uv_std = [0.1, -0.2], [2.0, 4.0]
+    tile = (2, 2)  # a 4 x 4 image: each colour 4 times (same mean and std, and above the flat-image floor 1/4)
+    x = preprocess.yuv_normalize(np.tile(PURE, tile + (1,))[None], uv_mean, uv_std).numpy()[0]
+    assert x.shape == (4, 4, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x[..., 1], np.tile((PURE_U - 0.1) / 2.0, tile), atol=2e-6)
+    np.testing.assert_allclose(x[..., 2], np.tile((PURE_V + 0.2) / 4.0, tile), atol=2e-6)
+    # Y standardised by this image's own mean (0.5) and population std.
+    std = np.sqrt(np.mean((PURE_Y - 0.5) ** 2))
+    assert std == pytest.approx(0.33428, abs=1e-5)
+    np.testing.assert_allclose(x[..., 0], np.tile((PURE_Y - 0.5) / std, tile), atol=1e-5)
+
+
+def test_uv_statistics_of_a_known_split_by_hand(tmp_path):
+    """Half the pixels pure red, half pure blue: U, V mean is the midpoint and std half the gap."""
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[0, ..., 0] = 255
+    images[1, ..., 2] = 255
+    info = data.dataset_info("cifar10")
+    labels = np.array([0, 1])
+    split = data.Split("cifar10", "train", tf.data.Dataset.from_tensor_slices((images, labels)), labels, info, images)
+    stats = data.preprocessing_stats(split, cache_dir=str(tmp_path), verbose=False)
+    assert stats["normalization"] == "yuv"
+    np.testing.assert_allclose(stats["uv_mean"], [(-0.147141 + 0.436010) / 2, (0.614975 - 0.100010) / 2], atol=2e-6)
+    np.testing.assert_allclose(stats["uv_std"], [(0.436010 + 0.147141) / 2, (0.614975 + 0.100010) / 2], atol=2e-6)
+
+
+def test_yuv_normalisation_statistics(tmp_path, monkeypatch):
     make_cifar_tree(tmp_path, per_class=4)
     train = data.load_split("cifar10", "train", data_dir=str(tmp_path), val_per_class=1)
     stats = data.preprocessing_stats(train, verbose=False)
-    # the statistics are those of the training split's U and V pixels
-    uv = tf.image.rgb_to_yuv(train.images.astype(np.float32) / 255.0).numpy()[..., 1:].reshape(-1, 2)
-    np.testing.assert_allclose(stats["uv_mean"], uv.mean(0), atol=1e-5)
-    np.testing.assert_allclose(stats["uv_std"], uv.std(0), atol=1e-5)
+    # the statistics are those of the training split's U and V pixels (NumPy BT.601 reference)
+    uv_mean, uv_std = uv_stats_reference(train.images)
+    np.testing.assert_allclose(stats["uv_mean"], uv_mean, atol=2e-6)
+    np.testing.assert_allclose(stats["uv_std"], uv_std, atol=2e-6)
     batches = data.make_pipeline(train, stats, 7, images_only=True)
     x = np.concatenate(list(batches.as_numpy_iterator()))
+    np.testing.assert_allclose(x, yuv_reference(train.images, uv_mean, uv_std), atol=2e-4)
     np.testing.assert_allclose(x[..., 0].mean(axis=(1, 2)), 0.0, atol=1e-4)  # Y: per image
     np.testing.assert_allclose(x[..., 0].std(axis=(1, 2)), 1.0, atol=1e-3)
     np.testing.assert_allclose(x[..., 1:].reshape(-1, 2).mean(0), 0.0, atol=1e-4)  # U, V: over the split
     np.testing.assert_allclose(x[..., 1:].reshape(-1, 2).std(0), 1.0, atol=1e-3)
-    # computed once: a second call reads the cache
+    # computed once: a second call reads the cache and never recomputes
+    monkeypatch.setattr(preprocess, "compute_uv_stats", _refuse("compute_uv_stats"))
     assert data.preprocessing_stats(train, verbose=False) == stats
+    # the held-out split's pixels do not enter the statistics
+    val = data.load_split("cifar10", "val", data_dir=str(tmp_path), val_per_class=1)
+    assert not np.allclose(uv_stats_reference(np.concatenate([train.images, val.images]))[0], uv_mean, atol=1e-6)
 
 
 def test_flat_image_does_not_divide_by_zero():
@@ -120,22 +193,62 @@ def test_flat_image_does_not_divide_by_zero():
 def test_imagenet_normalisation_is_exact():
     pixel = np.array([[[[255, 0, 128]]]], np.uint8)
     out = preprocess.imagenet_normalize(pixel).numpy().reshape(3)
-    expected = (np.array([255, 0, 128]) / 255.0 - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD)
-    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    # (1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225, by hand
+    np.testing.assert_allclose(out, [2.248908, -2.035714, 0.426492], rtol=1e-5)
 
 
 def test_pipeline_yields_labels_at_each_level_and_shuffles_reproducibly():
     split = data.load_split("synthetic", "train", synthetic={"train_size": 64})
     stats = data.preprocessing_stats(split, verbose=False)
     levels = {"fine_fc3": "fine", "coarse_fc1": "coarse"}
+
+    def order(seed, training=True):
+        ds = data.make_pipeline(split, stats, 16, levels, training=training, seed=seed)
+        return np.concatenate([y["fine_fc3"].numpy() for _, y in ds])
+
+    first = order(5)
+    np.testing.assert_array_equal(first, order(5))  # the same seed, the same order
+    assert sorted(first.tolist()) == sorted(split.labels.tolist())  # every example once
+    # ... and a real shuffle: not the stored order, and another seed gives another order
+    np.testing.assert_array_equal(order(5, training=False), split.labels)
+    assert not np.array_equal(first, split.labels)
+    assert not np.array_equal(first, order(6))
     ds = data.make_pipeline(split, stats, 16, levels, training=True, seed=5)
-    first = [y["fine_fc3"].numpy() for _, y in ds]
-    again = [y["fine_fc3"].numpy() for _, y in data.make_pipeline(split, stats, 16, levels, training=True, seed=5)]
-    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
     x, y = next(iter(ds))
     assert x.shape == (16, 32, 32, 3) and x.dtype == tf.float32
     np.testing.assert_array_equal(y["coarse_fc1"].numpy(), split.info.coarse_of(y["fine_fc3"].numpy()))
-    assert sorted(np.concatenate(first).tolist()) == sorted(split.labels.tolist())  # every example once
+
+
+def _coarse_partition(fine, coarse):
+    """{class name: its coarse label}, checked one coarse label per fine class."""
+    by_class = {}
+    for f, c in zip(fine.tolist(), coarse.tolist()):
+        assert by_class.setdefault(CIFAR10_CLASSES[f], c) == c
+    return by_class
+
+
+def test_cifar10_coarse_labels_are_animals_versus_vehicles(tmp_path):
+    """Hsu & Kira's hierarchy reaches the coarse outputs: bird, cat, deer, dog, frog, horse share one
+    coarse label; airplane, automobile, ship, truck the other; in the tf.data pipeline and in the
+    protocol's own training batches."""
+    from keras_cwsn.training import training_data
+
+    make_cifar_tree(tmp_path, per_class=3)
+    train = data.load_split("cifar10", "train", data_dir=str(tmp_path), val_per_class=1)
+    stats = data.preprocessing_stats(train, verbose=False)
+    levels = {"coarse_fc1_side": "coarse", "fine_fc2": "fine", "fine_fc3": "fine"}
+    batches = list(data.make_pipeline(train, stats, 8, levels).as_numpy_iterator())
+    fine = np.concatenate([y["fine_fc3"] for _, y in batches])
+    np.testing.assert_array_equal(fine, np.concatenate([y["fine_fc2"] for _, y in batches]))
+    seen = [_coarse_partition(fine, np.concatenate([y["coarse_fc1_side"] for _, y in batches]))]
+    ds, steps = training_data(train, stats, 4, levels, {"seed": 0, "augment": False}, "cluster", 0, 1)
+    batches = list(ds.take(steps).as_numpy_iterator())
+    seen.append(_coarse_partition(np.concatenate([y["fine_fc3"] for _, y in batches]),
+                                  np.concatenate([y["coarse_fc1_side"] for _, y in batches])))
+    for by_class in seen:
+        assert sorted(by_class) == sorted(CIFAR10_CLASSES)
+        animals, vehicles = {by_class[c] for c in CIFAR10_ANIMALS}, {by_class[c] for c in CIFAR10_VEHICLES}
+        assert len(animals) == 1 and len(vehicles) == 1 and animals != vehicles
 
 
 def test_training_pipeline_drops_the_partial_batch_for_static_shapes():
