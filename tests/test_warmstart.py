@@ -1,22 +1,19 @@
 """Tests for keras_cwsn.warmstart: the classifier starts where the clusterer left off."""
 
-import os
+import keras
+import numpy as np
+import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from keras_cwsn.models import build_model  # noqa: E402
-from keras_cwsn.warmstart import WarmStart, transfer_weights  # noqa: E402
+from conftest import random_images, softmax
+from keras_cwsn.models import build_model
+from keras_cwsn.warmstart import WarmStart, transfer_weights
 
 NUM_FINE, NUM_COARSE = 4, 2
 TRUNK_LAYERS = ["conv1", "conv1_bn", "conv2", "conv2_bn", "fc1", "fc1_bn", "fc2", "fc2_bn"]
 
 
 def _images(n=16, seed=0):
-    return np.random.default_rng(seed).standard_normal((n, 32, 32, 3)).astype(np.float32)
+    return random_images(n, (32, 32, 3), seed)
 
 
 def _randomize(model, seed=0):
@@ -37,11 +34,6 @@ def _clusterer(variant="A", seed=0, **kwargs):
 
 def _classifier(seed=1, **kwargs):
     return _randomize(build_model("lenet", "ce", num_fine=NUM_FINE, **kwargs), seed)
-
-
-def _softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _predict(model, x, key):
@@ -81,7 +73,7 @@ def test_hungarian_head_reproduces_the_clusterer():
     np.testing.assert_array_equal(probs.argmax(axis=-1), mapping[clusters])
     # Class c's probability is the probability of the cluster mapped to c.
     expected = np.empty_like(probs)
-    expected[:, mapping] = _softmax(logits.astype(np.float64))
+    expected[:, mapping] = softmax(logits.astype(np.float64))
     np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
     for name in TRUNK_LAYERS:
         _assert_same_weights(classifier, clusterer, name)
@@ -95,7 +87,7 @@ def test_copy_head_gives_identical_fc3():
         _assert_same_weights(classifier, clusterer, name)
     x = _images(4)
     np.testing.assert_allclose(_predict(classifier, x, "probabilities"),
-                               _softmax(_predict(clusterer, x, "fine_fc3").astype(np.float64)), rtol=1e-4, atol=1e-6)
+                               softmax(_predict(clusterer, x, "fine_fc3").astype(np.float64)), rtol=1e-4, atol=1e-6)
 
 
 def test_fresh_head_keeps_fc3_but_copies_the_trunk():
@@ -112,15 +104,28 @@ def test_fresh_head_keeps_fc3_but_copies_the_trunk():
 def test_side_branch_is_dropped_and_nothing_is_frozen():
     clusterer, classifier = _clusterer("D"), _classifier()
     copied = transfer_weights(clusterer, classifier, head="copy")
-    assert "fc1_side" not in copied
-    assert "fc1_side" not in [layer.name for layer in classifier.layers]
-    # fc1 comes from the clusterer's fc1, not from its side branch.
+    assert sorted(copied) == sorted(TRUNK_LAYERS + ["fc3"])
+    # fc1 comes from the clusterer's fc1, not from its side branch (both hold random, different values).
+    assert not np.array_equal(_weights(clusterer, "fc1")[0], _weights(clusterer, "fc1_side")[0])
     _assert_same_weights(classifier, clusterer, "fc1")
     assert all(layer.trainable for layer in classifier.layers)
     non_trainable = {w.path for w in classifier.non_trainable_weights}
     assert all("moving_" in path for path in non_trainable)  # only BN statistics, as in a fresh model
     fresh = build_model("lenet", "ce", num_fine=NUM_FINE)
     assert len(classifier.trainable_weights) == len(fresh.trainable_weights)
+
+
+def test_side_branch_is_skipped_even_where_the_target_has_one():
+    """The skip itself: a target that has an `fc1_side` layer (a D-shaped model) keeps its own."""
+    clusterer, target = _clusterer("D", seed=0), _clusterer("D", seed=1)
+    side_before = _weights(target, "fc1_side")
+    assert not np.array_equal(side_before[0], _weights(clusterer, "fc1_side")[0])  # a copy would show
+    copied = transfer_weights(clusterer, target, head="copy")
+    assert "fc1_side" not in copied
+    for before, after in zip(side_before, _weights(target, "fc1_side")):
+        np.testing.assert_array_equal(before, after)
+    for name in TRUNK_LAYERS + ["fc3"]:
+        _assert_same_weights(target, clusterer, name)
 
 
 def test_callback_runs_in_fit_once():
