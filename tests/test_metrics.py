@@ -1,16 +1,14 @@
 """Tests for keras_cwsn.metrics: hand-made clusterings with known answers, and the callback in fit."""
 
 import math
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
+import pytest
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
-from keras_cwsn.metrics import (  # noqa: E402
+from conftest import tiny_clusterer
+from keras_cwsn.losses import PairwiseKLLoss
+from keras_cwsn.metrics import (
     ClusteringMetrics,
     cluster_accuracy,
     clustering_report,
@@ -127,10 +125,7 @@ KEYS = ("val_cluster_accuracy", "val_nmi", "val_purity")
 
 
 def _tiny_clusterer(num_clusters=3):
-    inputs = keras.Input((6,), name="image")
-    hidden = keras.layers.Dense(8, activation="relu", name="fc2")(inputs)
-    logits = keras.layers.Dense(num_clusters, name="fc3")(hidden)
-    model = keras.Model(inputs, {"fine_fc3": logits})
+    model = tiny_clusterer(num_clusters)
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss={"fine_fc3": PairwiseKLLoss()})
     return model
 
@@ -192,6 +187,51 @@ def test_callback_mapping_fitted_on_training_data():
     mapping = hungarian_mapping(y, train_clusters)
     expected = np.mean(mapping[val_clusters] == y_val)
     assert history.history["val_cluster_accuracy"][0] == pytest.approx(expected)
+
+
+def _cluster_reader(num_clusters):
+    """A model whose `fine_fc3` is its input: fed one-hot rows, it puts each example in the cluster we choose."""
+    inputs = keras.Input((num_clusters,), name="x")
+    model = keras.Model(inputs, {"fine_fc3": keras.layers.Identity(name="fc3")(inputs)})
+    return model
+
+
+def _one_hot(clusters, num_clusters):
+    return np.eye(num_clusters, dtype=np.float32)[np.asarray(clusters)]
+
+
+def _epoch_logs(callback, model, epochs=1):
+    callback.set_model(model)
+    callback.set_params({"epochs": epochs})
+    logs = {}
+    callback.on_epoch_end(epochs - 1, logs)
+    return logs
+
+
+def test_callback_uses_the_training_mapping_not_one_fitted_on_the_evaluated_data():
+    # Training split: cluster k holds two of class k and one other -> mapping cluster k -> class k (6 of 9 right).
+    train_clusters, train_labels = [0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 2, 2, 2, 0]
+    np.testing.assert_array_equal(hungarian_mapping(train_labels, train_clusters), [0, 1, 2])
+    # Evaluated split: the clusters hold classes 1, 2, 0. The training mapping reads them as 0, 1, 2:
+    # nothing right (0 / 6). A mapping fitted on this split itself would claim 6 / 6.
+    eval_clusters, eval_labels = [0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 0, 0]
+    model = _cluster_reader(3)
+    logs = _epoch_logs(ClusteringMetrics(_one_hot(eval_clusters, 3), eval_labels, mapping_images=_one_hot(
+        train_clusters, 3), mapping_labels=train_labels), model)
+    assert logs["val_cluster_accuracy"] == 0.0
+    assert logs["val_nmi"] == pytest.approx(1.0) and logs["val_purity"] == 1.0  # no mapping in these
+    self_fitted = _epoch_logs(ClusteringMetrics(_one_hot(eval_clusters, 3), eval_labels), model)
+    assert self_fitted["val_cluster_accuracy"] == 1.0
+
+
+def test_clusters_never_seen_in_training_count_as_errors():
+    # Training uses clusters 0-2 only; the evaluated split also lands in cluster 3, which no class owns.
+    train_clusters, train_labels = [0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2]
+    eval_clusters, eval_labels = [0, 1, 2, 3, 3], [0, 1, 2, 0, 3]
+    logs = _epoch_logs(ClusteringMetrics(_one_hot(eval_clusters, 4), eval_labels, mapping_images=_one_hot(
+        train_clusters, 4), mapping_labels=train_labels), _cluster_reader(4))
+    assert logs["val_cluster_accuracy"] == pytest.approx(3 / 5)  # the two cluster-3 examples are wrong
+    assert logs["val_purity"] == pytest.approx(4 / 5)
 
 
 def test_callback_rejects_bad_every():
