@@ -1,37 +1,107 @@
-"""The evaluate command on a folder never seen in training, and the results table."""
+"""The evaluate command on a folder never seen in training, the protocol's mapping, and the results table.
+
+The data folder is built so that the choice of split for the Hungarian mapping shows in the figures:
+the images held out of `train/<class c>/` as the val split are copies of training images of class c + 1.
+A clusterer that groups images at all puts them in the clusters of class c + 1, so the training split's
+mapping reads them as c + 1 (wrong), while a mapping fitted on the val split itself would read them
+as c (right): the protocol must report the first.
+"""
 
 import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 import train
-from conftest import make_cifar_tree
+from conftest import CIFAR10_CLASSES, best_one_to_one_matches, confusion_counts, make_cifar_tree, mapped_matches
 from keras_cwsn import evaluate, report
+
+PER_CLASS, VAL_PER_CLASS = 8, 2
+
+
+def _shifted_copies(train_dir, out_dir, names):
+    """out_dir/<class c>/<name> = a copy of train_dir/<class c + 1>/<source>, for (name, source) in names."""
+    for c, cls in enumerate(CIFAR10_CLASSES):
+        source_class = CIFAR10_CLASSES[(c + 1) % len(CIFAR10_CLASSES)]
+        os.makedirs(os.path.join(out_dir, cls), exist_ok=True)
+        for name, source in names:
+            shutil.copyfile(os.path.join(train_dir, source_class, source), os.path.join(out_dir, cls, name))
 
 
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    make_cifar_tree(str(root / "train_data"), per_class=8, seed=1)
+    data_dir = root / "train_data"
+    make_cifar_tree(str(data_dir), per_class=PER_CLASS, seed=1)
+    # the val split (the last 2 files by name): copies of the first two training images of the next class
+    _shifted_copies(str(data_dir / "train"), str(data_dir / "train"), [(f"{PER_CLASS - 2:04d}.png", "0000.png"),
+                                                                       (f"{PER_CLASS - 1:04d}.png", "0001.png")])
     out = str(root / "run")
-    argv = ["--dataset", "cifar10", "--data-dir", str(root / "train_data"), "--variant", "A", "--epochs", "1",
-            "--batch-size", "16", "--set", "val_per_class=2", "--set", "embedding_sample=0", "--output-dir", out,
-            "--quiet"]
+    argv = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--variant", "A", "--epochs", "1",
+            "--batch-size", "16", "--set", f"val_per_class={VAL_PER_CLASS}", "--set", "embedding_sample=0",
+            "--output-dir", out, "--quiet"]
     assert train.main(argv) == 0
     return root, out
 
 
-def test_evaluate_on_an_unseen_folder(cifar_run, capsys):
+def _clusters(run_dir, data_dir, split):
+    """(labels, cluster ids) of a split under the run's clusterer, fed as evaluate and the protocol feed it."""
+    import keras
+
+    from keras_cwsn import data
+    from keras_cwsn.data import preprocess
+
+    with open(os.path.join(run_dir, "classifier", "assets", "cwsn_model_info.json")) as f:
+        stats = json.load(f)["preprocessing"]
+    loaded = data.load_split("cifar10", split, data_dir=data_dir, val_per_class=VAL_PER_CLASS, verbose=False)
+    clusterer = keras.saving.load_model(os.path.join(run_dir, "clusterer.keras"), compile=False)
+    x = np.asarray(preprocess.preprocess(loaded.images, stats["normalization"], stats))
+    return loaded.labels, np.argmax(clusterer.predict(x, batch_size=256, verbose=0)["fine_fc3"], axis=-1)
+
+
+def _mapping(run_dir):
+    with open(os.path.join(run_dir, "cluster_result.json")) as f:
+        return np.asarray(json.load(f)["mapping"])
+
+
+def test_protocol_fits_the_mapping_on_the_training_split_and_reports_the_val_split_with_it(cifar_run):
     root, run_dir = cifar_run
-    make_cifar_tree(str(root / "unseen"), per_class=3, seed=9, splits=("test",))
-    figures = evaluate.evaluate_run(run_dir, str(root / "unseen"), "test")
+    mapping = _mapping(run_dir)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    train_labels, train_clusters = _clusters(run_dir, str(root / "train_data"), "train")
+    counts = confusion_counts(train_labels, train_clusters, 10)
+    assert mapped_matches(counts, mapping) == best_one_to_one_matches(counts)
+    assert metrics["train_cluster_accuracy"] == pytest.approx(best_one_to_one_matches(counts) / len(train_labels))
+    val_labels, val_clusters = _clusters(run_dir, str(root / "train_data"), "val")
+    counts = confusion_counts(val_labels, val_clusters, 10)
+    assert metrics["cluster_accuracy"] == pytest.approx(mapped_matches(counts, mapping) / len(val_labels))
+    # the built-in shift: a mapping fitted on the val split itself would have reported more
+    assert best_one_to_one_matches(counts) > mapped_matches(counts, mapping)
+
+
+def test_evaluate_on_an_unseen_folder_uses_the_runs_mapping(cifar_run, capsys):
+    root, run_dir = cifar_run
+    unseen = root / "unseen"
+    _shifted_copies(str(root / "train_data" / "train"), str(unseen / "test"),
+                    [(f"{i:04d}.png", f"{i:04d}.png") for i in range(3)])
+    figures = evaluate.evaluate_run(run_dir, str(unseen), "test")
     assert figures["num_examples"] == 30
-    for key in ("classification_accuracy", "cluster_accuracy", "nmi", "purity"):
+    labels, clusters = _clusters(run_dir, str(unseen), "test")
+    counts = confusion_counts(labels, clusters, 10)
+    mapping = _mapping(run_dir)
+    assert figures["cluster_accuracy"] == pytest.approx(mapped_matches(counts, mapping) / 30)
+    assert best_one_to_one_matches(counts) > mapped_matches(counts, mapping)  # a self-fitted mapping would differ
+    purity = sum(np.bincount(labels[clusters == c]).max() for c in set(clusters.tolist())) / 30
+    assert figures["purity"] == pytest.approx(purity)
+    for key in ("classification_accuracy", "nmi"):
         assert 0.0 <= figures[key] <= 1.0
-    assert evaluate.main([run_dir, "--data-dir", str(root / "unseen"), "--split", "test", "--json"]) == 0
+    assert evaluate.main([run_dir, "--data-dir", str(unseen), "--split", "test", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["classification_accuracy"] == pytest.approx(figures["classification_accuracy"])
+    assert printed["cluster_accuracy"] == pytest.approx(figures["cluster_accuracy"])
 
 
 def test_evaluate_reproduces_the_runs_own_figures(cifar_run):
@@ -39,8 +109,8 @@ def test_evaluate_reproduces_the_runs_own_figures(cifar_run):
     figures = evaluate.evaluate_run(run_dir, None, "val")  # the run's own held-out split
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    assert figures["classification_accuracy"] == pytest.approx(metrics["classification_accuracy"], abs=1e-6)
-    assert figures["cluster_accuracy"] == pytest.approx(metrics["cluster_accuracy"], abs=1e-6)
+    for key in ("classification_accuracy", "cluster_accuracy", "nmi", "purity"):
+        assert figures[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
 def test_evaluate_errors(tmp_path, capsys):

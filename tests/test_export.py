@@ -1,7 +1,11 @@
 """Tests for keras_cwsn.export: the exported SavedModel serves what the Keras classifier predicts.
 
-One tiny run of the whole protocol (module-scoped fixture) is exported by `training.run`; the
-SavedModel is then loaded in a fresh Python process with `tf.saved_model.load` alone.
+The tiny run of the whole protocol is conftest's session-wide `protocol_run` (shared with
+test_train_e2e.py), which captures the in-memory Keras classifier that `training.run` exports. The
+SavedModel is loaded in a fresh Python process with `tf.saved_model.load` alone, and its outputs are
+compared with that classifier fed by the NumPy BT.601 reference preprocessing (conftest), with U, V
+statistics computed here from the training split: nothing on the reference side comes from the
+SavedModel or from the preprocessing code inside it.
 """
 
 import json
@@ -12,19 +16,13 @@ import subprocess
 import sys
 import textwrap
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import pytest
+import tensorflow as tf
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from keras_cwsn import data as data_lib  # noqa: E402
-from keras_cwsn import export as export_lib  # noqa: E402
-from keras_cwsn.config import load_config, set_value  # noqa: E402
-from keras_cwsn.data import preprocess  # noqa: E402
-
-TINY = {"synthetic.train_size": 200, "synthetic.eval_size": 60, "cluster.epochs": 1, "classify.epochs": 1,
-        "embedding_sample": 0}
+from conftest import subprocess_env, uv_stats_reference, yuv_reference
+from keras_cwsn import data as data_lib
+from keras_cwsn import export as export_lib
 
 # Runs in a fresh interpreter: TensorFlow only, no keras_cwsn. Calls every case in order (the
 # error cases sit between good calls: the process must go on serving after them).
@@ -66,34 +64,26 @@ SERVE_SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Train and export once: the run folder, its figures, and the classifier `training.run` exported."""
-    config = load_config(dataset="synthetic")
-    for key, value in TINY.items():
-        config = set_value(config, key, value)
-    out = str(tmp_path_factory.mktemp("export_run") / "run")
-    captured = {}
-    real_export = export_lib.export_classifier
-
-    def capture(classifier, path, class_names, image_size, stats, **kwargs):
-        captured.update(classifier=classifier, class_names=list(class_names), image_size=tuple(image_size),
-                        stats=stats, kwargs=kwargs)
-        return real_export(classifier, path, class_names, image_size, stats, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERAS_CWSN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(export_lib, "export_classifier", capture)
-        from keras_cwsn.training import run as run_protocol
-
-        results = run_protocol(config, out, quiet=True)
+def run(protocol_run):
+    """The shared run: its folder, figures, the classifier `training.run` exported, and the evaluation images."""
+    config = protocol_run["config"]
     evaluation = data_lib.load_split("synthetic", config["eval_split"], synthetic=config["synthetic"])
-    return dict(captured, dir=out, model_dir=os.path.join(out, "classifier"), results=results, config=config,
-                eval_images=evaluation.images, eval_labels=evaluation.labels)
+    train = data_lib.load_split("synthetic", "train", synthetic=config["synthetic"])
+    return dict(protocol_run["export"], dir=protocol_run["dir"], model_dir=protocol_run["model_dir"],
+                results=protocol_run["metrics"], config=config, eval_images=evaluation.images,
+                eval_labels=evaluation.labels, uv_stats=uv_stats_reference(train.images))
 
 
-def _keras_probabilities(run, images_uint8_or_float):
-    x = preprocess.preprocess(images_uint8_or_float, run["stats"]["normalization"], run["stats"])
+def _keras_probabilities(run, images):
+    """The in-memory classifier on the reference preprocessing of uint8-range RGB images."""
+    x = yuv_reference(images, *run["uv_stats"]).astype(np.float32)
     return run["classifier"](x, training=False)["probabilities"].numpy()
+
+
+def _resize(images, size):
+    """What the folder pipeline does to an image of another size: bilinear, antialiased, rounded to uint8 range."""
+    resized = tf.image.resize(tf.cast(images, tf.float32), size, method="bilinear", antialias=True)
+    return tf.round(tf.clip_by_value(resized, 0, 255)).numpy()
 
 
 def _png(array):
@@ -158,6 +148,10 @@ def test_training_run_exports_with_the_documented_arguments(run):
     names = list(data_lib.dataset_info("synthetic").fine_names)
     assert run["class_names"] == names == run["results"]["class_names"]
     assert run["image_size"] == (32, 32)
+    # the training split's U, V statistics go into the SavedModel (6 decimals)
+    assert run["stats"]["normalization"] == "yuv"
+    np.testing.assert_allclose(run["stats"]["uv_mean"], run["uv_stats"][0], atol=1e-6)
+    np.testing.assert_allclose(run["stats"]["uv_std"], run["uv_stats"][1], atol=1e-6)
     assert run["kwargs"]["metadata"]["dataset"] == "synthetic"
     assert sorted(os.listdir(run["model_dir"])) == ["assets", "fingerprint.pb", "saved_model.pb", "variables"]
     assert not os.path.exists(run["model_dir"] + ".tmp")
@@ -222,8 +216,7 @@ def test_serve_jpeg_agrees_with_keras_on_png(run, served):
 
 def test_other_sizes_are_resized_as_the_folder_pipeline_does(run, served):
     _, outputs, inputs = served
-    resized = tf.round(tf.clip_by_value(preprocess.resize_images(tf.cast(inputs["big"], tf.float32), (32, 32)), 0, 255))
-    expected = _keras_probabilities(run, resized)
+    expected = _keras_probabilities(run, _resize(inputs["big"], (32, 32)))
     np.testing.assert_allclose(outputs["images_big.probabilities"], expected, atol=1e-5)
     np.testing.assert_allclose(outputs["bytes_channels.probabilities"][2], expected[0], atol=1e-5)
 
@@ -271,7 +264,7 @@ def _saved_model_cli(model_dir):
     command = shutil.which("saved_model_cli")
     command = [command] if command else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     proc = subprocess.run([*command, "show", "--all", "--dir", model_dir], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                          timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
