@@ -1,0 +1,73 @@
+"""The optimiser and the learning-rate schedule the protocol trains with (Appendix B: SGD, momentum 0.9,
+weight decay, the rate halved at each milestone), checked step by step against hand arithmetic."""
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import tiny_clusterer
+from keras_cwsn.training import EpochLearningRate, build_optimizer
+
+
+def _two_steps(optimizer, w0, g):
+    variable = keras.Variable(np.array(w0, np.float32))
+    optimizer.build([variable])
+    values = []
+    for _ in range(2):
+        optimizer.apply_gradients([(keras.ops.convert_to_tensor(np.array(g, np.float32)), variable)])
+        values.append(np.array(variable, dtype=np.float64))
+    return values
+
+
+def test_sgd_step_with_momentum_and_decoupled_weight_decay_by_hand():
+    lr, mu, wd = 0.1, 0.9, 0.01
+    optimizer = build_optimizer({"learning_rate": lr, "momentum": mu, "weight_decay": wd, "epochs": 1,
+                                 "batch_size": 1, "lr_milestones": [], "lr_factor": 0.5})
+    assert isinstance(optimizer, keras.optimizers.SGD) and not optimizer.nesterov
+    w0, g = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    step1, step2 = _two_steps(optimizer, w0, g)
+    # Step 1: decay w by lr * wd, then velocity v1 = -lr g and w += v1.
+    w1 = w0 - lr * wd * w0
+    v1 = -lr * g
+    w1 = w1 + v1
+    np.testing.assert_allclose(step1, w1, rtol=1e-6)
+    # Step 2: decay again, v2 = mu v1 - lr g (momentum carries the first step on), w += v2.
+    w2 = w1 - lr * wd * w1
+    v2 = mu * v1 - lr * g
+    np.testing.assert_allclose(step2, w2 + v2, rtol=1e-6)
+    # e.g. the first coordinate: 1 - 0.001 - 0.05 = 0.949, then 0.949 - 0.000949 - 0.095 = 0.853051
+    assert step2[0] == pytest.approx(0.853051, abs=1e-6)
+
+
+def test_zero_weight_decay_means_none():
+    optimizer = build_optimizer({"learning_rate": 0.1, "momentum": 0.0, "weight_decay": 0, "epochs": 1,
+                                 "batch_size": 1, "lr_milestones": [], "lr_factor": 0.5})
+    step1, step2 = _two_steps(optimizer, [1.0], [1.0])
+    np.testing.assert_allclose([step1[0], step2[0]], [0.9, 0.8], rtol=1e-6)  # plain SGD: w - lr g
+
+
+class _RateSeen(keras.callbacks.Callback):
+    """The optimiser's learning rate at the first batch of each epoch (what the steps really use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 0:
+            self.rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+def test_epoch_learning_rate_steps_the_optimizer_at_each_milestone():
+    keras.utils.set_random_seed(0)
+    model = tiny_clusterer(3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss={"fine_fc3": "sparse_categorical_crossentropy"})
+    settings = {"learning_rate": 0.1, "lr_milestones": [1, 3], "lr_factor": 0.5}
+    seen = _RateSeen()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 6)).astype(np.float32), {"fine_fc3": rng.integers(0, 3, 8)}
+    history = model.fit(x, y, batch_size=4, epochs=4, verbose=0, shuffle=False,
+                        callbacks=[EpochLearningRate(settings), seen])
+    expected = [0.1, 0.05, 0.05, 0.025]  # halved entering epoch 1 and epoch 3 (counted from 0)
+    assert seen.rates == pytest.approx(expected, rel=1e-6)
+    assert history.history["learning_rate"] == pytest.approx(expected, rel=1e-6)
