@@ -1,15 +1,13 @@
 """Tests for keras_cwsn.models: outputs per variant, loss taps, side branch, Double, training, saving."""
 
-import os
+import keras
+import numpy as np
+import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
-from keras_cwsn.models import (  # noqa: E402
+from conftest import random_images
+from keras_cwsn import models
+from keras_cwsn.losses import PairwiseKLLoss
+from keras_cwsn.models import (
     VARIANTS,
     build_model,
     variant_levels,
@@ -28,7 +26,7 @@ TAP_LAYERS = {"fine_fc3": "fc3", "fine_fc2": "fc2", "coarse_fc1": "fc1", "coarse
 
 
 def _images(n=4, shape=(32, 32, 3), seed=0):
-    return np.random.default_rng(seed).standard_normal((n,) + shape).astype(np.float32)
+    return random_images(n, shape, seed)
 
 
 def _lenet(variant, **kwargs):
@@ -144,7 +142,18 @@ def test_double_lenet_doubles_convs_and_hidden_fcs():
     assert outputs["fine_fc2"].shape == (2, 256) and outputs["coarse_fc1_side"].shape == (2, 1000)
 
 
-def test_alexnet_layout_and_double():
+@pytest.fixture
+def narrow_alexnet_fc(monkeypatch):
+    """AlexNet with 8-unit fc1/fc2 instead of 4096: its trunk is untouched, and it builds in a blink.
+
+    (A doubled AlexNet's fc2 alone is 8192 x 8192 = 67M weights; the width logic is the same at 8.)
+    """
+    trunk, widths, style = models.ARCH_SPECS["alexnet"]
+    assert widths == (4096, 4096)  # the real widths, read from the table the builder uses
+    monkeypatch.setitem(models.ARCH_SPECS, "alexnet", (trunk, (8, 8), style))
+
+
+def test_alexnet_layout():
     # A small input the torchvision trunk accepts (64x64 -> 1x1x256 after pool5) keeps this cheap.
     normal = build_model("alexnet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE, input_shape=(64, 64, 3))
     assert _widths(normal) == {"conv1": 64, "conv2": 192, "conv3": 384, "conv4": 256, "conv5": 256,
@@ -152,11 +161,29 @@ def test_alexnet_layout_and_double():
     assert {layer.name for layer in normal.layers if isinstance(layer, keras.layers.Dropout)} == {
         "fc1_dropout", "fc2_dropout"}
     assert sorted(normal.output) == EXPECTED_OUTPUTS["D"]
-    double = build_model("alexnet", "A", num_fine=NUM_FINE, input_shape=(64, 64, 3), double=True)
-    assert _widths(double) == {"conv1": 128, "conv2": 384, "conv3": 768, "conv4": 512, "conv5": 512,
-                               "fc1": 8192, "fc2": 8192, "fc3": NUM_FINE}
     assert build_model("alexnet", "ce", num_fine=NUM_FINE, input_shape=(64, 64, 3)).input_shape == (
         None, 64, 64, 3)
+
+
+def test_alexnet_double_doubles_convs_and_hidden_fcs(narrow_alexnet_fc):
+    double = build_model("alexnet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE, input_shape=(64, 64, 3),
+                         double=True)
+    assert _widths(double) == {"conv1": 128, "conv2": 384, "conv3": 768, "conv4": 512, "conv5": 512,
+                               "fc1": 16, "fc2": 16, "fc1_side": 16, "fc3": NUM_FINE}
+
+
+def test_alexnet_at_its_default_224_input(narrow_alexnet_fc):
+    """torchvision's layout at 224 x 224: 55 -> 27 -> 27 -> 13 -> 13 -> 6, so fc1 reads 6 x 6 x 256 = 9216 features."""
+    model = build_model("alexnet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE)
+    assert model.input_shape == (None, 224, 224, 3)
+    spatial = {name: model.get_layer(name).output.shape[1:3] for name in ("conv1", "pool1", "conv2", "pool2", "pool5")}
+    assert spatial == {"conv1": (55, 55), "pool1": (27, 27), "conv2": (27, 27), "pool2": (13, 13), "pool5": (6, 6)}
+    assert model.get_layer("flatten").output.shape[-1] == 9216
+    assert model.get_layer("fc1").kernel.shape == (9216, 8) and model.get_layer("fc1_side").kernel.shape == (9216, 8)
+    outputs = _outputs(model, _images(1, (224, 224, 3)))
+    assert {k: v.shape for k, v in outputs.items()} == {"coarse_fc1_side": (1, 8), "fine_fc2": (1, 8),
+                                                         "fine_fc3": (1, NUM_FINE)}
+    assert all(np.all(np.isfinite(v)) for v in outputs.values())
 
 
 # ---------------------------------------------------------------------------------------------
