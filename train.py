@@ -12,9 +12,9 @@ import os
 import sys
 import time
 
-
-class UsageError(Exception):
-    """A command line argparse can't parse: reported in one line, exit status 2."""
+from keras_cwsn.constants import STRATEGIES
+from keras_cwsn.data.registry import datasets_help
+from keras_cwsn.errors import UsageError, UserError, one_line, print_error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="synthetic", help="synthetic (embedded, default), cifar10, cifar100, birdsnap34, birdsnap")
+    p.add_argument("--dataset", default="synthetic", help=datasets_help())
     p.add_argument("--variant", default=None, help="A, B, C, D (clustering warm start) or ce (baseline); default: the config's")
     p.add_argument("--config", default=None, help="config file (YAML/JSON); default: configs/<dataset>_<net>.yaml")
     p.add_argument("--data-dir", default=None, help="dataset folder (CIFAR: DIR/train/<class>/*; Birdsnap: the download)")
@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="batch size of both phases")
     p.add_argument("--lr", type=float, default=None, help="base learning rate of both phases")
     p.add_argument("--schedule-scale", type=float, default=None, help="scale epochs and LR milestones, in (0, 1]")
+    p.add_argument("--criterion", default=None, help="pairwise loss: kcl (the paper's, default) or mcl (Hsu et al. 2019)")
     p.add_argument("--head", default=None, help="warm-start head: hungarian, copy or fresh")
     p.add_argument("--double", action="store_true", default=None, help="double every width (Table 4)")
     p.add_argument("--precision", default=None, help="float32, mixed_bfloat16 or mixed_float16")
@@ -45,9 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--no-xla", dest="xla", action="store_false", help="force XLA off")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set cluster.weight_decay=0.001 (value parsed as YAML)")
-    p.add_argument("--strategy", default=None, choices=("auto", "one", "mirrored", "multiworker"),
+    p.add_argument("--strategy", default=None, choices=STRATEGIES,
                    help="tf.distribute strategy: auto (mirrored if >1 GPU, else one), one, mirrored (all local "
-                        "GPUs), multiworker (hosts from TF_CONFIG); see docs/DISTRIBUTED.md")
+                        "GPUs), multiworker (hosts from TF_CONFIG); see the README's multi-GPU section")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue an unfinished run found in --output-dir from its last completed epoch (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
@@ -68,7 +69,7 @@ def resolve_config(args):
     if args.config and args.dataset != "synthetic" and args.dataset != config["dataset"]:
         config = set_value(config, "dataset", args.dataset)
     flags = {"variant": args.variant, "data_dir": args.data_dir, "schedule_scale": args.schedule_scale,
-             "head": args.head, "double": args.double, "precision": args.precision, "xla": args.xla, "seed": args.seed,
+             "head": args.head, "criterion": args.criterion, "double": args.double, "precision": args.precision, "xla": args.xla, "seed": args.seed,
              "strategy": args.strategy}
     for key, value in flags.items():
         if value is not None:
@@ -125,17 +126,12 @@ def _import_tensorflow_quietly():
         os.close(saved)
 
 
-def _one_line(error, limit=1000):
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
 def main(argv=None):
     """Run the command line; returns the exit status (0 done, 2 a user error, reported in one line on stderr)."""
     try:
         args = parse_args(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
@@ -145,10 +141,7 @@ def main(argv=None):
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")
-    from keras_cwsn.config import ConfigError
-    from keras_cwsn.data import DatasetUnavailableError
-    from keras_cwsn.data.folder import FolderError
-    from keras_cwsn.training import RunError, run_seeds
+    from keras_cwsn.training import run_seeds
 
     try:
         config = resolve_config(args)
@@ -156,11 +149,11 @@ def main(argv=None):
         output_dir = args.output_dir or os.path.join(
             "runs", f"{config['dataset']}-{config['variant']}-{time.strftime('%Y%m%d-%H%M%S')}")
         run_seeds(config, seeds, output_dir, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
-    except (ConfigError, DatasetUnavailableError, FolderError, RunError, ValueError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+    except (UserError, ValueError) as e:
+        print_error(e)
         return 2
     except OSError as e:  # disk full, read-only folder, missing file, ...
-        print(f"error: cannot read or write a file: {_one_line(e)}", file=sys.stderr)
+        print(f"error: cannot read or write a file: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; run the same command again to resume from the last completed epoch",

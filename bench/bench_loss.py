@@ -25,13 +25,9 @@ faster than naive. Times are the median over --repeats calls after --warmup call
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/loss_variants.py
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -35,18 +35,15 @@ import signal
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
-from keras_cwsn.models import CLASSIFIER_OUTPUT, VARIANTS, build_model, variant_levels, variant_loss_weights  # noqa: E402
+from keras_cwsn.training import recipe  # noqa: E402
+from keras_cwsn.models import VARIANTS, build_model, variant_levels  # noqa: E402
 from timing import EpochTimer  # noqa: E402
 
 NUM_FINE, NUM_COARSE = 10, 2
@@ -142,19 +139,10 @@ def optimizer():
 
 
 def compile_model(model, variant, jit_compile=False, steps_per_execution=1):
-    """Compile as training.py does, without metrics: pairwise losses with the variant's weights, or CE."""
-    if variant == "ce":
-        model.compile(optimizer=optimizer(), loss={CLASSIFIER_OUTPUT: keras.losses.SparseCategoricalCrossentropy()},
-                      jit_compile=jit_compile, steps_per_execution=steps_per_execution)
-    else:
-        weights = variant_loss_weights(network_of(variant))
-        if variant == DECOMPOSITION:
-            loss = {name: keras.losses.SparseCategoricalCrossentropy(from_logits=True) for name in weights}
-        else:
-            loss = {name: PairwiseKLLoss() for name in weights}
-        model.compile(optimizer=optimizer(), loss=loss, loss_weights=weights, jit_compile=jit_compile,
-                      steps_per_execution=steps_per_execution)
-    return model
+    """The protocol's compile recipe without metrics; the decomposition puts cross-entropy on D's taps."""
+    pair_loss = (lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True)) if variant == DECOMPOSITION else None
+    return recipe.compile_model(model, network_of(variant), optimizer(), jit_compile=jit_compile,
+                                steps_per_execution=steps_per_execution, pair_loss=pair_loss, metrics=False)
 
 
 def network_of(variant):

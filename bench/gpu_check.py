@@ -31,18 +31,16 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers (loss_variants, timing)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
+from keras_cwsn.training import recipe  # noqa: E402
 from loss_variants import MARGIN, floor_loss, naive_loss, ours_loss  # noqa: E402
-from keras_cwsn.models import CLASSIFIER_OUTPUT, build_model, variant_levels, variant_loss_weights  # noqa: E402
+from keras_cwsn.models import build_model, variant_levels  # noqa: E402
 from timing import EpochTimer  # noqa: E402
 
 NUM_FINE, NUM_COARSE = 10, 2
@@ -166,14 +164,8 @@ def make_model(arch, variant, jit, seed=0):
     keras.utils.set_random_seed(seed)
     model = build_model(arch, variant, NUM_FINE, NUM_COARSE, SHAPES[arch])
     optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, weight_decay=5e-4)
-    if variant == "ce":
-        model.compile(optimizer=optimizer, loss={CLASSIFIER_OUTPUT: keras.losses.SparseCategoricalCrossentropy()},
-                      jit_compile=jit)
-    else:
-        weights = variant_loss_weights(variant)
-        model.compile(optimizer=optimizer, loss={name: PairwiseKLLoss(check_finite=False) for name in weights},
-                      loss_weights=weights, jit_compile=jit)
-    return model
+    return recipe.compile_model(model, variant, optimizer, jit_compile=jit, metrics=False,
+                                pair_loss=lambda: PairwiseKLLoss(check_finite=False))
 
 
 def make_data(arch, variant, count, seed=0):

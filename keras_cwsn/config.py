@@ -61,7 +61,8 @@ TOP_SCHEMA = {
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     "augment": (lambda v: isinstance(v, bool), "true or false"),
     "metrics_every": (_positive_int, "an integer >= 1"),
-    "steps_per_execution": (_positive_int, "an integer >= 1"),
+    "steps_per_execution": (lambda v: v == "auto" or _positive_int(v), "auto or an integer >= 1"),
+    "metrics_sample": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "embedding_sample": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     "synthetic": (lambda v: isinstance(v, dict), "a mapping"),
@@ -79,7 +80,8 @@ SYNTHETIC_SCHEMA = {
 DEFAULTS = {
     "variant": "D", "double": False, "margin": 2.0, "criterion": "kcl", "head": "hungarian", "schedule_scale": 1.0,
     "eval_split": "val", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
-    "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": 1, "embedding_sample": 500,
+    "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": "auto",
+    "metrics_sample": 5000, "embedding_sample": 500,
     "strategy": "auto", "synthetic": {},
 }
 

@@ -14,11 +14,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_cwsn.errors import UserError
+
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 _STRATEGIES = {}  # one strategy per name and process: MultiWorkerMirroredStrategy can't be created twice
 
 
-class DistributeError(ValueError):
+class DistributeError(UserError):
     """A strategy that can't be set up here (no TF_CONFIG for `multiworker`, ...)."""
 
 

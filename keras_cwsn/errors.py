@@ -25,3 +25,7 @@ def print_error(error, prog=None):
     """`[prog: ]error: <one line>` on stderr."""
     lead = f"{prog}: " if prog else ""
     print(f"{lead}error: {one_line(error)}", file=sys.stderr, flush=True)
+
+
+class RunError(UserError):
+    """A run that can't start or go on (finished output folder, diverged training, unwritable outputs, ...)."""

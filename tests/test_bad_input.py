@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from keras_cwsn import training  # noqa: E402
+from keras_cwsn.training import callbacks as training_callbacks  # noqa: E402
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SYNTHETIC = ["--epochs", "1", "--batch-size", "32", "--set", "synthetic.train_size=96", "--set",
@@ -126,9 +126,9 @@ def test_infinite_learning_rate_stops_with_phase_and_epoch(tmp_path):
 def test_divergence_keeps_the_last_good_checkpoint_and_the_run_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = [*SYNTHETIC, "--cluster-epochs", "3", "--output-dir", str(out)]
-    original = training.learning_rate_at
+    original = training_callbacks.learning_rate_at
     with monkeypatch.context() as patch:  # the learning rate explodes from the second epoch on
-        patch.setattr(training, "learning_rate_at", lambda epoch, s: 1e30 if epoch >= 1 else original(epoch, s))
+        patch.setattr(training_callbacks, "learning_rate_at", lambda epoch, s: 1e30 if epoch >= 1 else original(epoch, s))
         assert train.main(args) == 2
     line = _error_line(capsys)
     assert "cluster phase at epoch 2" in line and "last good checkpoint (after epoch 1)" in line

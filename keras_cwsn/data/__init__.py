@@ -1,4 +1,4 @@
-"""Datasets: one entry point (`load`) from a name to batched `(image, {output: labels})` tf.data.
+"""Datasets: the registry of names, their splits (`load_split`) and preprocessing pipelines (`make_pipeline`).
 
 The names below are imported on first use, so that `python -m keras_cwsn.data.birdsnap download`
 starts without loading TensorFlow.
@@ -7,8 +7,9 @@ starts without loading TensorFlow.
 from keras_cwsn._lazy import lazy_getattr
 
 _EXPORTS = {
-    "pipeline": ("DATASETS", "SPLITS", "DatasetUnavailableError", "Split", "dataset_info", "load_split",
-                 "holdout_mask", "preprocessing_stats", "make_pipeline", "load"),
+    "registry": ("DATASETS", "DatasetSpec", "DatasetUnavailableError", "get_dataset"),
+    "pipeline": ("SPLITS", "Split", "dataset_info", "load_split", "holdout_mask", "preprocessing_stats",
+                 "make_pipeline"),
     "info": ("DatasetInfo",),
 }
 __all__ = [name for names in _EXPORTS.values() for name in names]

@@ -12,12 +12,12 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_cwsn.data.preprocess import write_json_atomic
+from keras_cwsn.atomic import atomic_path, write_json_atomic
+from keras_cwsn.constants import IMAGE_EXTENSIONS
+from keras_cwsn.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
-
-class FolderError(ValueError):
+class FolderError(UserError):
     """A data folder that can't be read as `<split>/<class>/<images>`."""
 
 
@@ -109,9 +109,8 @@ def load_folder_split(data_dir, split_folder, class_names, image_size, cache_dir
     try:
         os.makedirs(cache, exist_ok=True)
         for name, array in (("images", images), ("labels", labels)):
-            tmp = os.path.join(cache, f".{name}.tmp.npy")
-            np.save(tmp, array)
-            os.replace(tmp, os.path.join(cache, f"{name}.npy"))
+            with atomic_path(os.path.join(cache, f"{name}.npy")) as tmp:
+                np.save(tmp, array)
         write_json_atomic(os.path.join(cache, "report.json"), report)  # written last: marks the cache complete
     except OSError as e:
         print(f"[data] could not cache decoded images in {cache}: {e}")

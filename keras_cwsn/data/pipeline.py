@@ -13,16 +13,13 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_cwsn.atomic import write_json_atomic
 from keras_cwsn.data import folder, preprocess
-from keras_cwsn.data.info import TABLES_DIR, DatasetInfo, read_hierarchy_table
+from keras_cwsn.data.info import DatasetInfo, read_hierarchy_table
+from keras_cwsn.data.registry import DatasetUnavailableError, get_dataset
 from keras_cwsn.data.synthetic import make_synthetic, synthetic_info
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "birdsnap34", "birdsnap")
 SPLITS = ("train", "val", "test")
-
-
-class DatasetUnavailableError(ValueError):
-    """A dataset that can't be loaded here (no download, no folder): the message says what to do."""
 
 
 @dataclasses.dataclass
@@ -51,16 +48,11 @@ class Split:
 
 def dataset_info(name):
     """DatasetInfo (class names, hierarchy) of a named dataset without loading any image."""
-    if name == "synthetic":
+    spec = get_dataset(name)
+    if spec.source == "synthetic":
         return synthetic_info()
-    if name in ("cifar10", "cifar100"):
-        fine, coarse, f2c, _ = read_hierarchy_table(os.path.join(TABLES_DIR, f"{name}.tsv"), "fine", "coarse")
-        return DatasetInfo(name, fine, coarse, f2c, image_size=(32, 32), normalization="yuv")
-    if name in ("birdsnap34", "birdsnap"):
-        table = "birdsnap34.tsv" if name == "birdsnap34" else "birdsnap500.tsv"
-        fine, coarse, f2c, _ = read_hierarchy_table(os.path.join(TABLES_DIR, table), "dir", "family")
-        return DatasetInfo(name, fine, coarse, f2c, image_size=(224, 224), normalization="imagenet")
-    raise DatasetUnavailableError(f"Unknown dataset. Expected one of {', '.join(DATASETS)}. Received: {name!r}")
+    fine, coarse, f2c, _ = read_hierarchy_table(spec.table_path, spec.fine_column, spec.coarse_column)
+    return DatasetInfo(name, fine, coarse, f2c, image_size=spec.image_size, normalization=spec.normalization)
 
 
 def load_split(name, split, data_dir=None, val_per_class=500, synthetic=None, cache_dir=None, verbose=True):
@@ -80,10 +72,11 @@ def load_split(name, split, data_dir=None, val_per_class=500, synthetic=None, ca
         raise ValueError(f"Unknown split. Expected one of {', '.join(SPLITS)}. Received: split={split!r}")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DatasetUnavailableError(f"--data-dir {data_dir!r} does not exist or is not a folder.")
-    if name == "synthetic":
+    source = get_dataset(name).source
+    if source == "synthetic":
         return _synthetic_split(split, synthetic or {})
     info = dataset_info(name)
-    if name in ("cifar10", "cifar100"):
+    if source == "cifar":
         if data_dir is not None:
             return _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose)
         return _tfds_cifar_split(name, split, info, val_per_class)
@@ -194,7 +187,7 @@ def preprocessing_stats(train, cache_dir=None, verbose=True):
         print(f"[data] {train.name} training-split U, V mean {stats['uv_mean']} std {stats['uv_std']} "
               f"(over {len(train)} images; cached in {path})")
     try:
-        preprocess.write_json_atomic(path, stats)
+        write_json_atomic(path, stats)
     except OSError as e:
         print(f"[data] could not cache statistics in {path}: {e}")
     return stats
@@ -209,7 +202,7 @@ def make_pipeline(split, stats, batch_size, levels=None, training=False, seed=0,
         stats: dict from `preprocessing_stats`.
         batch_size: int.
         levels: dict output name -> "fine"/"coarse": the label structure the model was compiled with.
-        training: bool. Shuffle every epoch (seeded), drop the last partial batch (static shapes for XLA).
+        training: bool. Shuffle (seeded by `seed`), drop the last partial batch (static shapes for XLA).
         augment: bool. Random crop and flip (224-pixel datasets only).
         images_only: bool. Yield preprocessed images alone (for `predict`).
 
@@ -224,7 +217,9 @@ def make_pipeline(split, stats, batch_size, levels=None, training=False, seed=0,
     fine_to_coarse = tf.constant(info.fine_to_coarse, tf.int64)
     ds = split.dataset
     if training:
-        ds = ds.shuffle(min(len(split), 50_000), seed=seed, reshuffle_each_iteration=True)
+        # The same order on every pass over this pipeline (Keras may peek at a batch first); each epoch
+        # of a run is its own pipeline with its own seed (`training.inputs`).
+        ds = ds.shuffle(min(len(split), 50_000), seed=seed, reshuffle_each_iteration=False)
     if split.images is None:  # variable-size images: resize (or crop) one by one, in parallel
         if training and augment:
             ds = ds.map(lambda x, y: (preprocess.random_crop_flip(x, size, seed), y), num_parallel_calls=tf.data.AUTOTUNE)
@@ -242,17 +237,3 @@ def make_pipeline(split, stats, batch_size, levels=None, training=False, seed=0,
 
     return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
-
-def load(name, split, batch_size, levels=None, data_dir=None, training=None, seed=0, stats=None, **kwargs):
-    """The one-call entry point: (batched tf.data pipeline, DatasetInfo) for a dataset split.
-
-    Example:
-    ```python
-    ds, info = load("synthetic", "train", 64, levels={"fine_fc3": "fine", "coarse_fc1": "coarse"})
-    ```
-    """
-    data = load_split(name, split, data_dir=data_dir, **kwargs)
-    if stats is None:
-        stats = preprocessing_stats(data if split == "train" else load_split(name, "train", data_dir=data_dir, **kwargs))
-    training = split == "train" if training is None else training
-    return make_pipeline(data, stats, batch_size, levels, training=training, seed=seed), data.info

@@ -5,10 +5,6 @@ training split's mean and std. Birdsnap ("imagenet"): RGB scaled to [0, 1] and n
 ImageNet's mean and std.
 """
 
-import json
-import os
-import tempfile
-
 import numpy as np
 import tensorflow as tf
 
@@ -73,18 +69,3 @@ def compute_uv_stats(image_batches):
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return {"uv_mean": mean.round(6).tolist(), "uv_std": np.maximum(std, 1e-6).round(6).tolist()}
 
-
-def write_json_atomic(path, payload):
-    """Write JSON through a temporary file and os.replace: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

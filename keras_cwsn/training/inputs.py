@@ -1,0 +1,169 @@
+"""What the protocol feeds `fit` and `predict`: the splits, preprocessed once, and each epoch's batches.
+
+Data that fits in memory (the embedded dataset, CIFAR from a folder or TFDS) is preprocessed once
+into a float32 array; an epoch is then a gather of batches by a seeded permutation (`epoch_order`),
+with no per-image work and no per-batch Python on TensorFlow. Streamed sources (Birdsnap) keep
+the tf.data path of `data.make_pipeline`.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_cwsn import data as data_lib
+from keras_cwsn.training.records import warn_data_report
+from keras_cwsn.training.seeds import derived_seed, epoch_order
+
+PREDICT_BATCH = 256  # batch of every predict/evaluate pass (no effect on the figures)
+
+
+@dataclasses.dataclass
+class RunData:
+    """The training and evaluation splits of a run, their statistics and (in memory) preprocessed images."""
+
+    train: object
+    evaluation: object
+    stats: dict
+    train_x: np.ndarray = None
+    eval_x: np.ndarray = None
+
+    @property
+    def info(self):
+        return self.train.info
+
+    def images(self, which):
+        """Preprocessed images of `"train"` or `"eval"` for `predict`: an array, or a tf.data pipeline."""
+        split, array = (self.train, self.train_x) if which == "train" else (self.evaluation, self.eval_x)
+        if array is not None:
+            return array
+        return data_lib.make_pipeline(split, self.stats, PREDICT_BATCH, images_only=True)
+
+    def labeled_eval(self, levels):
+        """The evaluation split as `(images, {output: labels})`, for `fit(validation_data=...)`."""
+        if self.eval_x is not None:
+            return self.eval_x, labels_by_output(self.evaluation, levels)
+        return data_lib.make_pipeline(self.evaluation, self.stats, PREDICT_BATCH, levels)
+
+    def train_sample(self, size, seed):
+        """A fixed, seeded sample of the training split (images, fine labels) for per-epoch mappings."""
+        n = len(self.train)
+        if self.train_x is None or size >= n:
+            return self.images("train"), self.train.labels
+        keep = np.sort(np.random.default_rng(derived_seed(seed, "metrics_sample")).choice(n, size, replace=False))
+        return self.train_x[keep], self.train.labels[keep]
+
+
+def load_run_data(config, quiet=False):
+    """Load the config's training and evaluation splits, their statistics and preprocessed arrays."""
+    load = dict(data_dir=config["data_dir"], val_per_class=config["val_per_class"], synthetic=config["synthetic"],
+                verbose=False)
+    train = data_lib.load_split(config["dataset"], "train", **load)
+    evaluation = data_lib.load_split(config["dataset"], config["eval_split"], **load)
+    for split in (train, evaluation):
+        warn_data_report(split)
+    stats = data_lib.preprocessing_stats(train, verbose=not quiet)
+    return RunData(train, evaluation, stats, preprocess_split(train, stats), preprocess_split(evaluation, stats))
+
+
+def preprocess_split(split, stats, chunk=8192):
+    """The split's images preprocessed into one float32 array, or None for a streamed split."""
+    if split.images is None:
+        return None
+    from keras_cwsn.data import preprocess
+
+    parts = [np.asarray(preprocess.preprocess(split.images[i:i + chunk], stats["normalization"], stats))
+             for i in range(0, len(split), chunk)]
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def labels_by_output(split, levels):
+    """{output name: labels at its hierarchy level} for the split's examples."""
+    by_level = {"fine": split.labels, "coarse": split.info.coarse_of(split.labels)}
+    return {name: by_level[level].astype(np.int32) for name, level in levels.items()}
+
+
+def steps_per_epoch(num_examples, batch_size):
+    """Batches per training epoch: partial batches are dropped, unless there is only one."""
+    return num_examples // batch_size if num_examples >= batch_size else 1
+
+
+def training_data(split, stats, batch_size, levels, config, phase, first_epoch, epochs, preprocessed=None):
+    """The training batches of epochs `first_epoch`..`epochs - 1` as one dataset, and the steps per epoch.
+
+    Epoch k reads the examples in `epoch_order(seed, phase, k)`, so its batches are the same whether
+    the run started at epoch 0 or resumed at k, and whether or not Keras peeks at a batch first
+    (it does under a tf.distribute strategy).
+
+    Args:
+        split: data.Split. The training split.
+        stats: dict. Its preprocessing statistics.
+        batch_size: int.
+        levels: dict output name -> "fine"/"coarse".
+        config: dict. Reads `seed` and `augment`.
+        phase: str. `"cluster"` or `"classify"` (part of each epoch's seed).
+        first_epoch, epochs: int. The epochs to produce.
+        preprocessed: float32 array or None. `split`'s images already preprocessed (computed if None).
+    """
+    seed = config["seed"]
+    if split.images is None:  # random crops (`augment`) apply to these 224-pixel streamed sources only
+        return _streamed_training_data(split, stats, batch_size, levels, seed, phase, first_epoch, epochs,
+                                       config["augment"])
+    x = preprocess_split(split, stats) if preprocessed is None else preprocessed
+    n = len(split)
+    steps = steps_per_epoch(n, batch_size)
+    per_batch = min(batch_size, n)
+    order = np.concatenate([epoch_order(seed, phase, e, n)[: steps * per_batch] for e in range(first_epoch, epochs)])
+    order = order.reshape(-1, per_batch).astype(np.int32)
+    labels = labels_by_output(split, levels)
+    if keras.backend.backend() == "tensorflow":
+        return _gathered_tf_dataset(x, labels, order), steps
+    return BatchesByOrder(x, labels, order), steps
+
+
+def _gathered_tf_dataset(x, labels, order):
+    """tf.data of batches gathered from in-memory arrays by an index table (as Keras's own array adapter does)."""
+    import tensorflow as tf
+
+    indices = tf.data.Dataset.from_tensor_slices(order)
+    arrays = tf.data.Dataset.from_tensors((x, labels)).repeat()
+
+    def gather(index, data):
+        images, by_output = data
+        return tf.gather(images, index), {k: tf.gather(v, index) for k, v in by_output.items()}
+
+    return (tf.data.Dataset.zip((indices, arrays)).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+class BatchesByOrder(keras.utils.PyDataset):
+    """Batches of in-memory arrays by an index table, for backends without tf.data (JAX)."""
+
+    def __init__(self, x, labels, order, **kwargs):
+        super().__init__(**kwargs)
+        self.x, self.labels, self.order = x, labels, order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        index = self.order[i]
+        return self.x[index], {k: v[index] for k, v in self.labels.items()}
+
+
+def _streamed_training_data(split, stats, batch_size, levels, seed, phase, first_epoch, epochs, augment):
+    """Per-epoch tf.data pipelines over a streamed split, each shuffled with its (seed, phase, epoch) seed."""
+    import tensorflow as tf
+
+    def one_epoch(epoch):
+        return data_lib.make_pipeline(split, stats, batch_size, levels, training=True, augment=augment,
+                                      seed=derived_seed(seed, phase, "epoch", epoch))
+
+    per_epoch = [one_epoch(epoch) for epoch in range(first_epoch, epochs)]
+    steps = int(per_epoch[0].cardinality())
+    if steps <= 0:  # unknown (streamed source)
+        steps = steps_per_epoch(len(split), batch_size)
+    while len(per_epoch) > 1:  # a balanced tree of concatenations: shallow for long schedules
+        pairs = [a.concatenate(b) for a, b in zip(per_epoch[::2], per_epoch[1::2])]
+        per_epoch = pairs + ([per_epoch[-1]] if len(per_epoch) % 2 else [])
+    return per_epoch[0].prefetch(tf.data.AUTOTUNE), steps

@@ -1,0 +1,341 @@
+"""The paper's protocol as one call: cluster pretraining, Hungarian evaluation, warm-start fine-tuning.
+
+`run(config, output_dir)` returns the run's figures (also written to `metrics.json`); resuming a
+killed run is described in `keras_cwsn.training.resume`.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+
+import keras
+import numpy as np
+
+from keras_cwsn.atomic import read_json, write_json_atomic
+from keras_cwsn.config import phase_settings
+from keras_cwsn.constants import FIGURES
+from keras_cwsn.errors import RunError
+from keras_cwsn.metrics import ClusteringMetrics, clustering_report, hungarian_mapping, predict_clusters
+from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, build_model, variant_levels
+from keras_cwsn.training import records
+from keras_cwsn.training import resume as resume_policy
+from keras_cwsn.training.callbacks import EpochLearningRate, EpochTimer, ResumableWarmStart, StopOnNonFinite
+from keras_cwsn.training.checkpoint import Checkpoint
+from keras_cwsn.training.inputs import PREDICT_BATCH, load_run_data, steps_per_epoch, training_data
+from keras_cwsn.training.recipe import build_optimizer, compile_model, steps_per_execution, use_xla
+from keras_cwsn.training.seeds import derived_seed, seed_everything
+
+
+@dataclasses.dataclass
+class Run:
+    """What every step of one run needs: its config, folder, device strategy and data."""
+
+    config: dict
+    output_dir: str
+    strategy: object  # a tf.distribute.Strategy, or None without TensorFlow
+    quiet: bool
+    data: object = None
+
+    @property
+    def info(self):
+        return self.data.info
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def say(self, line):
+        if not self.quiet:
+            print(line, flush=True)
+
+
+def run(config, output_dir, overwrite=False, quiet=False, resume=True):
+    """Run the whole protocol for one seed; returns the figures written to `metrics.json`.
+
+    Args:
+        config: dict. A validated config (`keras_cwsn.config`).
+        output_dir: str. The run's folder; an unfinished run there is resumed.
+        overwrite: bool. Replace a run (finished or not) in `output_dir`. Defaults to False.
+        quiet: bool. No progress output. Defaults to False.
+        resume: bool. Continue an unfinished run in `output_dir`; False refuses it. Defaults to True.
+    """
+    started = time.time()
+    ctx = _start(config, output_dir, overwrite, quiet, resume)
+    ctx.data = load_run_data(config, quiet)
+    timings = {"data_s": round(time.time() - started, 2)}
+    results = {"dataset": config["dataset"], "variant": config["variant"], "seed": config["seed"],
+               "num_train": len(ctx.data.train), "num_eval": len(ctx.data.evaluation), "eval_split": config["eval_split"]}
+    clusterer = mapping = None
+    if config["variant"] != CLASSIFIER_VARIANT:  # phase 1: cluster pretraining, then the Hungarian mapping
+        clusterer, cluster_result = cluster_phase(ctx)
+        mapping = np.asarray(cluster_result["mapping"])
+        results.update(cluster_result["eval"], train_cluster_accuracy=cluster_result["train"]["cluster_accuracy"])
+        timings["cluster_s"] = cluster_result["seconds"]
+        ctx.say(f"[cluster] {config['eval_split']}: " +
+                ", ".join(f"{k} {v:.4f}" for k, v in cluster_result["eval"].items()))
+    t0 = time.time()  # phase 2: classification, warm-started from the clusterer (from scratch for `ce`)
+    classifier, warm = classify_phase(ctx, clusterer, mapping)
+    probabilities = classifier.predict(ctx.data.images("eval"), batch_size=PREDICT_BATCH, verbose=0)
+    predicted = np.argmax(probabilities[CLASSIFIER_OUTPUT], axis=-1)
+    results["classification_accuracy"] = float(np.mean(predicted == ctx.data.evaluation.labels))
+    timings["classify_s"] = round(time.time() - t0, 2)
+    if warm is not None:
+        results["warm_start"] = {"head": config["head"], "layers": list(warm.copied)}
+    write_outputs(ctx, classifier, clusterer, results)
+    timings["total_s"] = round(time.time() - started, 2)
+    return finish(ctx, results, timings)
+
+
+def _start(config, output_dir, overwrite, quiet, resume_ok):
+    """Device strategy, output folder (resume or not), seeds and precision: everything before the data."""
+    strategy = _make_strategy(config["strategy"])  # first: multi-worker needs it before other ops
+    if strategy is not None:
+        from keras_cwsn import distribute
+
+        output_dir = distribute.worker_output_dir(output_dir)
+    resuming = resume_policy.check_output_dir(output_dir, overwrite, resume_ok)
+    changes = resume_policy.check_resume_config(output_dir, config) if resuming else {}
+    if changes:
+        print("[resume] settings changed since the run started: " +
+              "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
+    seed_everything(config["seed"])
+    keras.mixed_precision.set_global_policy(config["precision"])
+    with records.writing("the run's config", output_dir):
+        records.write_config(output_dir, config)
+    return Run(config, output_dir, strategy, quiet)
+
+
+def _make_strategy(name):
+    if keras.backend.backend() != "tensorflow":
+        if name not in ("auto", "one"):
+            raise RunError(f"--strategy {name} needs the TensorFlow backend (tf.distribute); on "
+                           f"{keras.backend.backend()} use --strategy auto.")
+        return None
+    from keras_cwsn import distribute
+
+    return distribute.make_strategy(name)
+
+
+def _replicas(ctx):
+    return ctx.strategy.num_replicas_in_sync if ctx.strategy is not None else 1
+
+
+def _agree(ctx, value):
+    if ctx.strategy is None:
+        return value
+    from keras_cwsn import distribute
+
+    return distribute.agree_min(ctx.strategy, value)
+
+
+def _num_workers(ctx):
+    if ctx.strategy is None:
+        return 1
+    from keras_cwsn import distribute
+
+    return distribute.num_workers(ctx.strategy)
+
+
+def cluster_phase(ctx):
+    """Train the clusterer (or load the one a finished phase left), map clusters to classes on the training split."""
+    config, data, out = ctx.config, ctx.data, ctx.output_dir
+    done_path, clusterer_path = os.path.join(out, "cluster_result.json"), os.path.join(out, "clusterer.keras")
+    if _agree(ctx, int(os.path.exists(done_path) and os.path.exists(clusterer_path))):  # every worker agrees
+        with open(done_path) as f:
+            cluster_result = json.load(f)
+        ctx.say(f"[resume] cluster phase: finished before, loaded {clusterer_path}")
+        return keras.saving.load_model(clusterer_path), cluster_result
+    t0 = time.time()
+    settings = phase_settings(config, "cluster")
+    clusterer = _build(ctx, config["variant"], settings, "cluster")
+    sample_x, sample_y = data.train_sample(config["metrics_sample"], config["seed"])
+    monitor = ClusteringMetrics(data.images("eval"), data.evaluation.labels, output="fine_fc3", prefix="val_",
+                                every=config["metrics_every"], mapping_images=sample_x, mapping_labels=sample_y)
+    fit_phase(ctx, "cluster", clusterer, settings, variant_levels(config["variant"]), extra=[monitor])
+    train_clusters = predict_clusters(clusterer, data.images("train"), "fine_fc3")
+    mapping = hungarian_mapping(data.train.labels, train_clusters, num_clusters=ctx.info.num_fine,
+                                num_classes=ctx.info.num_fine)
+    eval_clusters = predict_clusters(clusterer, data.images("eval"), "fine_fc3")
+    cluster_result = {"mapping": mapping.tolist(), "epochs": settings["epochs"],
+                      "train": clustering_report(data.train.labels, train_clusters, mapping),
+                      "eval": clustering_report(data.evaluation.labels, eval_clusters, mapping),
+                      "seconds": round(time.time() - t0, 2)}
+    with records.writing("the clusterer", clusterer_path):
+        records.save_keras_atomic(clusterer, clusterer_path)
+        write_json_atomic(done_path, cluster_result)  # written last: marks the phase finished
+    if _num_workers(ctx) == 1:  # other workers may still need it to agree on a resume point
+        shutil.rmtree(os.path.join(out, "backup", "cluster"), ignore_errors=True)
+    return clusterer, cluster_result
+
+
+def classify_phase(ctx, clusterer, mapping):
+    """Fine-tune a classifier, warm-started from `clusterer` (None: from scratch, the `ce` baseline)."""
+    settings = phase_settings(ctx.config, "classify")
+    classifier = _build(ctx, CLASSIFIER_VARIANT, settings, "classify")
+    warm = None
+    if clusterer is not None:
+        warm = ResumableWarmStart(clusterer, ctx.config["head"], mapping,
+                                  os.path.join(ctx.output_dir, "warm_start.json"),
+                                  resumed=_resume_epoch(ctx, "classify") > 0)
+    levels = variant_levels(CLASSIFIER_VARIANT)
+    fit_phase(ctx, "classify", classifier, settings, levels, extra=[warm] if warm else [],
+              validation_data=ctx.data.labeled_eval(levels))
+    return classifier, warm
+
+
+def _build(ctx, variant, settings, phase):
+    """A freshly initialised, compiled model of `variant` for `phase` (seeded by the run and the phase)."""
+    replicas = _replicas(ctx)
+    if settings["batch_size"] % replicas:
+        raise RunError(f"The {phase} batch size {settings['batch_size']} can't be split evenly across {replicas} "
+                       f"replicas: choose a multiple of {replicas}.")
+    seed_everything(derived_seed(ctx.config["seed"], phase))
+    info, config = ctx.info, ctx.config
+    steps = steps_per_epoch(len(ctx.data.train), settings["batch_size"])
+    with ctx.scope():
+        model = build_model(config["arch"], variant, info.num_fine, info.num_coarse,
+                            tuple(info.image_size) + (3,), config["double"])
+        return compile_model(model, variant, build_optimizer(settings), criterion=config["criterion"],
+                             margin=config["margin"], jit_compile=use_xla(config, replicas), strategy=ctx.strategy,
+                             steps_per_execution=steps_per_execution(config["steps_per_execution"], steps))
+
+
+def _resume_epoch(ctx, phase):
+    return resume_policy.read_resume_epoch(os.path.join(ctx.output_dir, "backup", phase), ctx.strategy)
+
+
+def fit_phase(ctx, phase, model, settings, levels, extra=(), validation_data=None):
+    """Fit one phase from its last checkpoint (or epoch 0) to its last epoch, with the protocol's callbacks."""
+    backup_dir = os.path.join(ctx.output_dir, "backup", phase)
+    history = os.path.join(ctx.output_dir, f"{phase}_history.csv")
+    first, epochs = _resume_epoch(ctx, phase), settings["epochs"]
+    checkpoint = Checkpoint(backup_dir, phase, first)
+    if first:
+        print(f"[resume] {phase} phase: resuming after epoch {first} of {epochs} from {backup_dir}", flush=True)
+        resume_policy.note_resume(ctx.output_dir, phase, first, epochs)
+    resume_policy.truncate_history(history, first)
+    if first >= epochs:  # every epoch ran before the interruption: only the weights are needed
+        checkpoint.restore(model, first)
+        return
+    data = ctx.data
+    batches, steps = training_data(data.train, data.stats, settings["batch_size"], levels, ctx.config, phase, first,
+                                   epochs, preprocessed=data.train_x)
+    callbacks = [StopOnNonFinite(phase, backup_dir), *extra, EpochLearningRate(settings), EpochTimer(),
+                 keras.callbacks.CSVLogger(history, append=True), *_tensorboard(ctx, phase), checkpoint]
+    model.fit(batches, epochs=epochs, initial_epoch=first, steps_per_epoch=steps, validation_data=validation_data,
+              validation_batch_size=PREDICT_BATCH if isinstance(validation_data, tuple) else None,
+              shuffle=False, verbose=_verbosity(ctx.quiet), callbacks=callbacks)  # each epoch is ordered already
+
+
+def _tensorboard(ctx, phase):
+    if not records.tensorboard_available():
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=os.path.join(ctx.output_dir, "logs", phase), write_graph=False,
+                                        update_freq="epoch")]
+
+
+def _verbosity(quiet):
+    """Progress bars on a terminal; one line per epoch in a file or pipe (nohup, CI); nothing when quiet."""
+    if quiet:
+        return 0
+    return "auto" if sys.stdout.isatty() else 2
+
+
+def write_outputs(ctx, classifier, clusterer, results):
+    """Projector embeddings of an evaluation sample, and the SavedModel (chief only, TensorFlow only)."""
+    config, data, out = ctx.config, ctx.data, ctx.output_dir
+    sample = min(config["embedding_sample"], len(data.evaluation))
+    if sample:  # predict is collective under a multi-worker strategy: every worker takes part
+        with records.writing("the embedding projector", os.path.join(out, "logs", "projector")):
+            records.write_projector(out, clusterer or classifier, _first_images(data, sample),
+                                    data.evaluation.labels[:sample], ctx.info)
+    if ctx.strategy is not None:
+        from keras_cwsn import distribute
+
+        if not distribute.is_chief():
+            return
+    if not records.tensorboard_available():
+        ctx.say("[export] no TensorFlow here: the SavedModel is not written; run `python -m keras_cwsn.export "
+                f"{out}` where TensorFlow is installed")
+        return
+    from keras_cwsn import export as export_lib
+
+    export_path = os.path.join(out, "classifier")
+    with records.writing("the exported classifier", export_path):
+        export_lib.export_classifier(classifier, export_path, ctx.info.fine_names, ctx.info.image_size, data.stats,
+                                     metadata={"dataset": config["dataset"], "variant": config["variant"],
+                                               "figures": dict(results)})
+
+
+def _first_images(data, count):
+    images = data.images("eval")
+    if isinstance(images, np.ndarray):
+        return images[:count]
+    import tensorflow as tf
+
+    return (images.unbatch().take(count).batch(PREDICT_BATCH)
+            .apply(tf.data.experimental.assert_cardinality(-(-count // PREDICT_BATCH))))
+
+
+def finish(ctx, results, timings):
+    """Add provenance to the figures, write metrics.json (the mark of a finished run), drop the checkpoints."""
+    config, out = ctx.config, ctx.output_dir
+    git = records.git_info()
+    distributed = None
+    if ctx.strategy is not None:
+        from keras_cwsn import distribute
+
+        distributed = distribute.describe(ctx.strategy)
+    results.update(timings=timings, config=config, versions=records.versions(), git_commit=git["commit"],
+                   git_dirty=git["dirty"], determinism={"seed": config["seed"], "op_determinism": True},
+                   distribute=distributed, resumed=read_json(os.path.join(out, "resumes.json"), default=[]),
+                   xla=use_xla(config, _replicas(ctx)), backend=keras.backend.backend(),
+                   data={"train": records.data_summary(ctx.data.train),
+                         "eval": records.data_summary(ctx.data.evaluation)},
+                   class_names=list(ctx.info.fine_names))
+    with records.writing("metrics.json", out):
+        write_json_atomic(os.path.join(out, "metrics.json"), results)  # written last: the run is finished
+    shutil.rmtree(os.path.join(out, "backup"), ignore_errors=True)
+    figures = {k: results[k] for k in FIGURES if k in results}
+    ctx.say(f"[done] {out}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()) +
+            f" ({timings['total_s']:.0f} s)")
+    return results
+
+
+def run_seeds(config, seeds, output_dir, overwrite=False, quiet=False, resume=True):
+    """Run one seed (in `output_dir`) or several (in `output_dir/seed_<n>`, plus `summary.json`).
+
+    With several seeds, an interrupted command started again keeps the seeds that finished and
+    resumes the one that didn't.
+    """
+    if len(seeds) == 1:
+        return run(dict(config, seed=seeds[0]), output_dir, overwrite, quiet, resume)
+    summary_path = os.path.join(output_dir, "summary.json")
+    if os.path.exists(summary_path) and not overwrite:
+        raise RunError(f"{output_dir} holds a finished multi-seed run (summary.json); pass --overwrite to replace it "
+                       f"or choose another --output-dir.")
+    per_seed = []
+    for s in seeds:
+        folder, seed_config = os.path.join(output_dir, f"seed_{s}"), dict(config, seed=s)
+        finished = os.path.join(folder, "metrics.json")
+        if os.path.exists(finished) and not overwrite:
+            resume_policy.check_resume_config(folder, seed_config)
+            with open(finished) as f:
+                per_seed.append(json.load(f))
+            if not quiet:
+                print(f"[resume] seed {s}: finished before, kept {folder}", flush=True)
+            continue
+        per_seed.append(run(seed_config, folder, overwrite, quiet, resume))
+    summary = records.summarize(per_seed)
+    with records.writing("summary.json", output_dir):
+        write_json_atomic(summary_path, summary)
+    if not quiet:
+        for key in FIGURES:
+            if key in summary:
+                s = summary[key]
+                spread = f" ± {s['std']:.4f}" if s["std"] is not None else ""
+                print(f"[summary] {key}: {s['mean']:.4f}{spread} (best {s['best']:.4f})")
+    return summary

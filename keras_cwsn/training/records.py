@@ -1,0 +1,133 @@
+"""What a run leaves behind besides its figures: config, provenance, projector embeddings, summaries.
+
+TensorBoard's own files (the config text, HParams) need TensorFlow; without it they are skipped
+with a one-line notice and everything else is written.
+"""
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata as importlib_metadata
+
+import keras
+import numpy as np
+
+from keras_cwsn.atomic import atomic_path, write_json_atomic
+from keras_cwsn.constants import FIGURES
+from keras_cwsn.errors import RunError, one_line
+from keras_cwsn.models import penultimate_model
+from keras_cwsn.report import seed_std
+
+
+@contextlib.contextmanager
+def writing(what, path):
+    """Turn a failed write (disk full, read-only folder, ...) into a RunError that says what and where."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"Cannot write {what} to {path}: {one_line(e)}") from e
+
+
+def save_keras_atomic(model, path):
+    """`model.save(path)` through a temporary `.keras` file."""
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
+
+
+def tensorboard_available():
+    """TensorBoard's summary writer needs TensorFlow (not installed on a JAX-only machine)."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_config(output_dir, config):
+    """config.json, and the config as text in TensorBoard (when TensorFlow is there)."""
+    write_json_atomic(os.path.join(output_dir, "config.json"), config)
+    if not tensorboard_available():
+        return
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs", "config"))
+    with writer.as_default():
+        tf.summary.text("config", "```\n" + json.dumps(config, indent=2) + "\n```", step=0)
+    writer.close()
+
+
+def git_info():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=root)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def versions():
+    """Python, platform and the versions of the libraries that shape the figures."""
+    found = {"python": platform.python_version(), "platform": platform.platform(), "backend": keras.backend.backend()}
+    for package in ("tensorflow", "keras", "numpy", "scipy", "scikit-learn", "tensorflow-datasets", "h5py"):
+        try:
+            found[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            found[package] = None
+    if "tensorflow" in sys.modules:  # installed as tensorflow-cpu or tensorflow[and-cuda]: ask the module
+        found["tensorflow"] = sys.modules["tensorflow"].__version__
+    found["keras"] = keras.__version__
+    return found
+
+
+def write_projector(output_dir, model, images, labels, info):
+    """Penultimate-layer (fc2) embeddings of an evaluation sample, for TensorBoard's Projector."""
+    folder = os.path.join(output_dir, "logs", "projector")
+    os.makedirs(folder, exist_ok=True)
+    embeddings = penultimate_model(model).predict(images, verbose=0)
+    np.savetxt(os.path.join(folder, "tensors.tsv"), embeddings, delimiter="\t", fmt="%.5f")
+    with open(os.path.join(folder, "metadata.tsv"), "w") as f:
+        f.write("fine\tcoarse\n")
+        for label in labels:
+            f.write(f"{info.fine_names[label]}\t{info.coarse_names[info.fine_to_coarse[label]]}\n")
+    with open(os.path.join(folder, "projector_config.pbtxt"), "w") as f:
+        f.write('embeddings {\n  tensor_name: "fc2_embedding"\n  tensor_path: "tensors.tsv"\n'
+                '  metadata_path: "metadata.tsv"\n}\n')
+
+
+def warn_data_report(split):
+    """One line on stderr for files skipped and class folders found empty (also when the decode was cached)."""
+    report = split.report or {}
+    skipped = report.get("skipped_undecodable") or []
+    empty = report.get("empty_class_folders") or []
+    if skipped or empty:
+        example = f" (e.g. {skipped[0]})" if skipped else ""
+        print(f"warning: {report.get('folder', split.name)}: skipped {len(skipped)} undecodable or empty image "
+              f"file(s){example}; empty class folders: {', '.join(empty) or 'none'}", file=sys.stderr, flush=True)
+
+
+def data_summary(split):
+    report = split.report or {}
+    keys = ("folder", "listed", "decoded", "skipped_undecodable", "empty_class_folders", "non_image_files")
+    return {k: report[k] for k in keys if k in report}
+
+
+def summarize(per_seed):
+    """Mean, sample std (None for one seed) and best (by classification accuracy, as the paper's best of 5) over seeds."""
+    summary = {"seeds": [r["seed"] for r in per_seed], "per_seed": {}}
+    for key in FIGURES:
+        values = [r[key] for r in per_seed if key in r]
+        if values:
+            summary["per_seed"][key] = values
+            summary[key] = {"mean": float(np.mean(values)), "std": seed_std(values), "best": float(np.max(values))}
+    best = max(per_seed, key=lambda r: r["classification_accuracy"])
+    summary["best_seed"] = best["seed"]
+    return summary
