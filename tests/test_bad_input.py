@@ -1,27 +1,26 @@
 """Bad input across the board: broken data folders, diverging training, unwritable outputs, wrong settings.
 
 Every error a user can cause exits with status 2 and exactly one line on stderr (no traceback).
-Most checks call `train.main([...])` in this process; a few go through a real subprocess.
+The checks call `train.main([...])` in this process and read stderr there; one goes through a real
+subprocess, for the exit status and the stderr of the command itself (TensorFlow's start-up notices
+must not bury the error line).
 """
 
+import contextlib
 import errno
+import io
 import json
 import os
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import train
+from conftest import CIFAR10_CLASSES, ROOT, error_line, subprocess_env
+from keras_cwsn.training import callbacks as training_callbacks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import train  # noqa: E402
-from keras_cwsn.training import callbacks as training_callbacks  # noqa: E402
-
-CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SYNTHETIC = ["--epochs", "1", "--batch-size", "32", "--set", "synthetic.train_size=96", "--set",
              "synthetic.eval_size=32", "--set", "embedding_sample=0", "--quiet", "--variant", "A"]
 
@@ -31,19 +30,7 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
 
 
-def _error_line(capsys):
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
-
-
-def _subprocess(args, tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_CWSN_CACHE=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    return done.returncode, done.stderr
+_error_line = error_line
 
 
 def _cifar_folder(root, per_class=4, empty=(), extra_folders=()):
@@ -51,7 +38,7 @@ def _cifar_folder(root, per_class=4, empty=(), extra_folders=()):
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    for label, name in enumerate(CIFAR10):
+    for label, name in enumerate(CIFAR10_CLASSES):
         folder = root / "train" / name
         folder.mkdir(parents=True)
         for i in range(0 if name in empty else per_class):
@@ -78,10 +65,12 @@ def broken_folder_run(tmp_path_factory):
     root = _cifar_folder(tmp / "data", empty=("frog",))
     (root / "train" / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG" * 20)
     (root / "train" / "dog" / "zero.jpg").write_bytes(b"")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_CWSN_CACHE=str(tmp / "cache"))
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *_cifar_args(root, tmp / "out")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    metrics = json.loads((tmp / "out" / "metrics.json").read_text()) if done.returncode == 0 else None
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
+        mp.setenv("KERAS_CWSN_CACHE", str(tmp / "cache"))
+        code = train.main(_cifar_args(root, tmp / "out"))
+    done = subprocess.CompletedProcess(["train.main"], code, stderr=stderr.getvalue())
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text()) if code == 0 else None
     return done, metrics, root
 
 
@@ -104,23 +93,19 @@ def test_empty_class_folder_is_reported_and_training_goes_on(broken_folder_run):
     assert len(metrics["class_names"]) == 10  # the model still has an output per class of the table
 
 
-def test_class_folders_outside_the_class_table_are_named(tmp_path):
+def test_class_folders_outside_the_class_table_are_named(tmp_path, capsys):
     root = _cifar_folder(tmp_path / "data", per_class=2, extra_folders=("spaceship", "Cat"))
-    code, err = _subprocess(_cifar_args(root, tmp_path / "out"), tmp_path)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert "'spaceship'" in lines[0] and "'Cat'" in lines[0] and "class table" in lines[0]
+    assert train.main(_cifar_args(root, tmp_path / "out")) == 2
+    line = _error_line(capsys)
+    assert "'spaceship'" in line and "'Cat'" in line and "class table" in line
 
 
 # Diverging training ------------------------------------------------------------------------------
 
-def test_infinite_learning_rate_stops_with_phase_and_epoch(tmp_path):
-    code, err = _subprocess([*SYNTHETIC, "--lr", "1e30", "--output-dir", str(tmp_path / "out")], tmp_path)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "diverged in the cluster phase at epoch 1" in lines[0] and "non-finite" in lines[0]
+def test_infinite_learning_rate_stops_with_phase_and_epoch(tmp_path, capsys):
+    assert train.main([*SYNTHETIC, "--lr", "1e30", "--output-dir", str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert "diverged in the cluster phase at epoch 1" in line and "non-finite" in line
 
 
 def test_divergence_keeps_the_last_good_checkpoint_and_the_run_resumes(tmp_path, monkeypatch, capsys):
@@ -198,7 +183,11 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 # Wrong settings ----------------------------------------------------------------------------------
 
 def test_wrong_type_in_set_exits_2_with_one_line(tmp_path):
-    code, err = _subprocess([*SYNTHETIC, "--set", "cluster.epochs=abc", "--output-dir", str(tmp_path / "o")], tmp_path)
+    """The one real subprocess: the command's exit status and its whole stderr, TensorFlow's start-up included."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *SYNTHETIC, "--set", "cluster.epochs=abc",
+                           "--output-dir", str(tmp_path / "o")], cwd=ROOT, env=subprocess_env(tmp_path / "cache"),
+                          capture_output=True, text=True, timeout=600)
+    code, err = done.returncode, done.stderr
     assert code == 2
     assert err.strip().splitlines() == ["error: Config key 'cluster.epochs' must be an integer >= 1. Received: 'abc'"]
     assert not (tmp_path / "o").exists()
