@@ -20,10 +20,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from conftest import ROOT as CHECKOUT  # noqa: E402
+from conftest import imagenet_reference  # noqa: E402
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
 from keras_cwsn.models import build_model, variant_levels, variant_loss_weights  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(CHECKOUT)
 BENCH = ROOT / "bench"
 
 
@@ -154,7 +156,7 @@ def test_steps_per_execution_matches_one_step_per_execution(source):
 
 def test_birdsnap_like_224_path_matches_plain_preprocessing(tmp_path):
     bench_pipeline = _load("bench_pipeline")
-    from keras_cwsn.data import pipeline, preprocess
+    from keras_cwsn.data import pipeline
 
     paths, labels = bench_pipeline.write_fake_birdsnap(str(tmp_path), count=5, size=(90, 110))
     split = bench_pipeline.jpeg_split(paths, labels)
@@ -164,8 +166,9 @@ def test_birdsnap_like_224_path_matches_plain_preprocessing(tmp_path):
     assert images.shape == (5, 224, 224, 3)
     for i, path in enumerate(paths):
         decoded = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-        expected = preprocess.imagenet_normalize(preprocess.resize_images(decoded, (224, 224)))
-        np.testing.assert_allclose(images[i].numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+        resized = tf.image.resize(decoded, (224, 224), method="bilinear", antialias=True).numpy()
+        expected = imagenet_reference(resized)  # NumPy, ImageNet's constants written out in conftest
+        np.testing.assert_allclose(images[i].numpy(), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(targets["fine_fc3"].numpy(), labels)
     info = split.info
     np.testing.assert_array_equal(targets["coarse_fc1_side"].numpy(), info.coarse_of(labels))

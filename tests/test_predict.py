@@ -6,19 +6,15 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from keras_cwsn import export as export_lib  # noqa: E402
-from keras_cwsn import predict  # noqa: E402
-from keras_cwsn.data import preprocess  # noqa: E402
-from keras_cwsn.models import build_model  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, subprocess_env, yuv_reference
+from keras_cwsn import export as export_lib
+from keras_cwsn import predict
+from keras_cwsn.models import build_model
 CLASS_NAMES = ("cat", "dog", "bird")  # 3 classes: the exported top k is capped at 3
 STATS = {"normalization": "yuv", "uv_mean": [0.01, -0.02], "uv_std": [0.1, 0.12]}
 # Runs the real `python -m keras_cwsn.predict` entry point, then says which keras_cwsn modules it loaded.
@@ -67,11 +63,13 @@ def images(tmp_path_factory):
 
 
 def _expected(classifier, image):
-    """Keras probabilities of one decoded RGB image, resized as the export does."""
+    """Keras probabilities of one decoded RGB image, resized as the folder pipeline does (bilinear,
+    antialiased, rounded), then preprocessed by the NumPy BT.601 reference (not the code in the export)."""
     x = tf.cast(image[None], tf.float32)
     if image.shape[:2] != (32, 32):
-        x = tf.round(tf.clip_by_value(preprocess.resize_images(x, (32, 32)), 0, 255))
-    return classifier(preprocess.preprocess(x, "yuv", STATS), training=False)["probabilities"].numpy()[0]
+        x = tf.round(tf.clip_by_value(tf.image.resize(x, (32, 32), method="bilinear", antialias=True), 0, 255))
+    x = yuv_reference(np.asarray(x), STATS["uv_mean"], STATS["uv_std"]).astype(np.float32)
+    return classifier(x, training=False)["probabilities"].numpy()[0]
 
 
 def _check_result(result, classifier, image, top_k):
@@ -86,7 +84,7 @@ def test_cli_in_a_fresh_process(model, images):
     model_dir, classifier = model
     folder, decoded = images
     proc = subprocess.run([sys.executable, "-c", CLI, "--model", model_dir, folder, "--json", "--top-k", "2"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=subprocess_env())
     assert proc.returncode == 1, proc.stderr  # two broken images: reported, skipped, status 1
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     by_name = {os.path.relpath(r["path"], folder): r for r in results}
@@ -162,7 +160,7 @@ def test_missing_model_folder(images, capsys, tmp_path):
 def test_missing_model_folder_in_a_fresh_process(images, tmp_path):
     folder, _ = images
     proc = subprocess.run([sys.executable, "-m", "keras_cwsn.predict", "--model", str(tmp_path / "nope"), folder],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=subprocess_env())
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"python -m keras_cwsn.predict: error: no such model folder: {tmp_path / 'nope'}"]
