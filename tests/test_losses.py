@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from conftest import softmax, tiny_clusterer  # noqa: E402
 from keras_cwsn.losses import (  # noqa: E402
     EPSILON,
     PairwiseKLLoss,
@@ -114,8 +115,7 @@ def make_inputs(form, from_logits, seed=0, n=N, k=K, num_classes=3, scale=2.0):
 
 
 def _softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    return softmax(x)
 
 
 def loss_and_grad(loss_fn, y_true, y_pred):
@@ -139,14 +139,6 @@ RUNNERS = {
     "eager": lambda fn: fn,
     "xla": lambda fn: tf.function(fn, jit_compile=True),
 }
-
-
-@pytest.fixture
-def float32_policy():
-    """Restore the global dtype policy whatever a test does with it."""
-    keras.mixed_precision.set_global_policy("float32")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,18 +319,11 @@ def test_low_precision_inputs_close_to_float32(dtype, from_logits, form):
         assert np.isfinite(float(value)) and np.all(np.isfinite(tf.cast(grad, "float32").numpy()))
 
 
-def _tiny_clusterer(num_clusters=4):
-    inputs = keras.Input((6,), name="x")
-    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
-    logits = keras.layers.Dense(num_clusters, name="fc3")(hidden)
-    return keras.Model(inputs, {"fine_fc3": logits})
-
-
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_model_trains_without_nan(policy, float32_policy):
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    model = _tiny_clusterer()
+    model = tiny_clusterer()
     assert model.get_layer("fc3").compute_dtype == policy.split("_")[1]
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss={"fine_fc3": PairwiseKLLoss()})
     rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from conftest import ROOT, subprocess_env, tiny_clusterer  # noqa: E402
 from keras_cwsn.config import ConfigError, load_config, set_value, validate  # noqa: E402
 from keras_cwsn.constants import CRITERIA  # noqa: E402
 from keras_cwsn.losses import (  # noqa: E402
@@ -26,7 +27,6 @@ from keras_cwsn.losses import (  # noqa: E402
     pairwise_same_cluster_probability,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The clamp's upper end as float32 holds it (1 - 1e-7 rounds to 1 - 2**-23 * 1.0).
 UPPER = float(np.float32(1.0 - EPSILON))
 
@@ -120,13 +120,6 @@ RUNNERS = {
     "eager": lambda fn: fn,
     "xla": lambda fn: tf.function(fn, jit_compile=True),
 }
-
-
-@pytest.fixture
-def float32_policy():
-    keras.mixed_precision.set_global_policy("float32")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,18 +287,11 @@ def test_low_precision_inputs_are_computed_in_float32(dtype, from_logits, form):
         assert np.isfinite(float(value)) and np.all(np.isfinite(tf.cast(grad, "float32").numpy()))
 
 
-def _tiny_clusterer(num_clusters=4):
-    inputs = keras.Input((6,), name="x")
-    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
-    logits = keras.layers.Dense(num_clusters, name="fc3")(hidden)
-    return keras.Model(inputs, {"fine_fc3": logits})
-
-
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_model_trains_without_nan(policy, float32_policy):
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    model = _tiny_clusterer()
+    model = tiny_clusterer()
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss={"fine_fc3": PairwiseMCLLoss()})
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 6)).astype(np.float32)
@@ -391,7 +377,7 @@ def test_serialization_round_trip_keeps_options():
 
 
 def test_model_with_mcl_loss_saves_and_loads(tmp_path, float32_policy):
-    model = _tiny_clusterer()
+    model = tiny_clusterer()
     model.compile(optimizer="sgd", loss={"fine_fc3": PairwiseMCLLoss(from_logits=True)})
     path = str(tmp_path / "clusterer.keras")
     model.save(path)
@@ -506,8 +492,7 @@ _MIRRORED = textwrap.dedent('''
 
 
 def _run_script(code, stdin="", env=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **(env or {}))
+    env = subprocess_env(**(env or {}))
     done = subprocess.run([sys.executable, "-c", code], input=stdin, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
