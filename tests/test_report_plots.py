@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import ROOT, subprocess_env
 from keras_cwsn import report
 
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_HEADER = "epoch,learning_rate,loss,val_cluster_accuracy,val_nmi,val_purity"
 CLASSIFY_HEADER = "epoch,accuracy,learning_rate,loss,val_accuracy,val_loss"
 
@@ -185,7 +185,7 @@ def test_report_with_plots_loads_no_tensorflow(runs, tmp_path):
             "print('RESULTS', code, any(m == 'tensorflow' or m.startswith('tensorflow.') or m == 'keras' "
             "for m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+                          env=subprocess_env())
     line = [line for line in done.stdout.splitlines() if line.startswith("RESULTS")]
     assert done.returncode == 0 and line, done.stderr[-2000:]
     assert line[-1] == "RESULTS 0 False"

@@ -10,8 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from conftest import ROOT, subprocess_env  # noqa: E402
+
 FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy", "train_cluster_accuracy")
 
 
@@ -30,7 +30,7 @@ def _without_timing(path):
 
 
 def test_same_seed_repeats_a_run_exactly(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_CWSN_CACHE=str(tmp_path / "cache"))
+    env = subprocess_env(tmp_path / "cache")
     runs = [subprocess.Popen(_command(tmp_path / name, 7), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
     for p in runs:

@@ -16,15 +16,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, subprocess_env  # noqa: E402
+
 FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy", "train_cluster_accuracy")
 TINY = ["--set", "synthetic.train_size=256", "--set", "synthetic.eval_size=64", "--batch-size", "32",
         "--set", "embedding_sample=0", "--quiet"]
 
 
 def _env(tmp_path):
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_CWSN_CACHE=str(tmp_path / "cache"),
-                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess_env(tmp_path / "cache")
 
 
 def _command(output_dir, *extra):
@@ -99,7 +99,6 @@ class _Interrupted(Exception):
 def test_resumed_classification_keeps_restored_weights(tmp_path, monkeypatch):
     """An interrupted classify phase resumes from its checkpoint: the warm start must not overwrite it."""
     monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
-    sys.path.insert(0, ROOT)
     import train
     from keras_cwsn.training import protocol as training  # the module whose names the run looks up
 
@@ -137,7 +136,6 @@ def test_resumed_classification_keeps_restored_weights(tmp_path, monkeypatch):
 
 
 def test_output_dir_rules(tmp_path):
-    sys.path.insert(0, ROOT)
     from keras_cwsn.training import RunError, check_output_dir, check_resume_config
 
     out = tmp_path / "run"
@@ -163,7 +161,6 @@ def test_output_dir_rules(tmp_path):
 
 def test_checkpoint_keeps_optimizer_state_and_survives_a_torn_write(tmp_path):
     """save_weights holds the optimizer's momentum; a half-written checkpoint never replaces the last good one."""
-    sys.path.insert(0, ROOT)
     import keras
 
     from keras_cwsn.training import Checkpoint
@@ -190,7 +187,6 @@ def test_checkpoint_keeps_optimizer_state_and_survives_a_torn_write(tmp_path):
 
 def test_multi_seed_command_keeps_finished_seeds(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
-    sys.path.insert(0, ROOT)
     import train
     from keras_cwsn.training import protocol as training  # the module whose names the run looks up
 
@@ -217,7 +213,6 @@ def test_multi_seed_command_keeps_finished_seeds(tmp_path, monkeypatch):
 
 def test_unreadable_checkpoint_format_is_named(tmp_path):
     """A backup folder in another format (plain BackupAndRestore metadata) is refused with a message saying so."""
-    sys.path.insert(0, ROOT)
     import tensorflow as tf
 
     from keras_cwsn.training import RunError, read_resume_epoch
