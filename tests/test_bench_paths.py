@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from conftest import ROOT as CHECKOUT  # noqa: E402
-from conftest import imagenet_reference  # noqa: E402
+from conftest import imagenet_reference, subprocess_env  # noqa: E402
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
 from keras_cwsn.models import build_model, variant_levels, variant_loss_weights  # noqa: E402
 
@@ -268,7 +268,7 @@ def test_gpu_check_loads_no_tensorflow_module_of_the_package():
     code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import gpu_check; "
             "print(sorted(m for m in sys.modules if m.startswith('keras_cwsn')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), cwd=str(ROOT))
+                         env=subprocess_env(TF_CPP_MIN_LOG_LEVEL=3), cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
     loaded = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
     assert {"keras_cwsn.losses", "keras_cwsn.models"} <= loaded
