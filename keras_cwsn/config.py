@@ -53,7 +53,7 @@ TOP_SCHEMA = {
     "criterion": (lambda v: v in CRITERIA, f"one of {', '.join(CRITERIA)}"),
     "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     "schedule_scale": (lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]"),
-    "eval_split": (lambda v: v in EVAL_SPLITS, f"one of {', '.join(EVAL_SPLITS)}"),
+    "eval_split": (lambda v: v == "auto" or v in EVAL_SPLITS, f"auto or one of {', '.join(EVAL_SPLITS)}"),
     "val_per_class": (_positive_int, "an integer >= 1"),
     "data_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
     "xla": (lambda v: v in ("auto", True, False), "auto, true or false"),
@@ -79,7 +79,7 @@ SYNTHETIC_SCHEMA = {
 }
 DEFAULTS = {
     "variant": "D", "double": False, "margin": 2.0, "criterion": "kcl", "head": "hungarian", "schedule_scale": 1.0,
-    "eval_split": "val", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
+    "eval_split": "auto", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
     "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": "auto",
     "metrics_sample": 5000, "embedding_sample": 500,
     "strategy": "auto", "synthetic": {},

@@ -3,6 +3,8 @@
 Metrics are NumPy/SciPy/scikit-learn on `predict()` output, outside the graph.
 """
 
+import time
+
 import keras
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -126,6 +128,7 @@ class ClusteringMetrics(keras.callbacks.Callback):
         last = self.params and epoch + 1 == self.params.get("epochs")
         if logs is None or ((epoch + 1) % self.every and not last):
             return
+        start = time.perf_counter()
         clusters = predict_clusters(self.model, self.images, self.output, self.batch_size)
         mapping = None
         if self.mapping_images is not None:
@@ -134,6 +137,7 @@ class ClusteringMetrics(keras.callbacks.Callback):
             mapping = _extend(mapping, clusters)
         for key, value in clustering_report(self.labels, clusters, mapping).items():
             logs[self.prefix + key] = value
+        logs["figures_seconds"] = round(time.perf_counter() - start, 3)  # what these figures cost the epoch
 
 
 def _extend(mapping, clusters):

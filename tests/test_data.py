@@ -16,7 +16,7 @@ from conftest import (
     yuv_reference,
 )
 from keras_cwsn import data
-from keras_cwsn.data import folder, preprocess
+from keras_cwsn.data import folder, normalize, preprocess
 from keras_cwsn.data.synthetic import make_synthetic
 
 
@@ -178,7 +178,7 @@ def test_yuv_normalisation_statistics(tmp_path, monkeypatch):
     np.testing.assert_allclose(x[..., 1:].reshape(-1, 2).mean(0), 0.0, atol=1e-4)  # U, V: over the split
     np.testing.assert_allclose(x[..., 1:].reshape(-1, 2).std(0), 1.0, atol=1e-3)
     # computed once: a second call reads the cache and never recomputes
-    monkeypatch.setattr(preprocess, "compute_uv_stats", _refuse("compute_uv_stats"))
+    monkeypatch.setattr(normalize, "compute_uv_stats", _refuse("compute_uv_stats"))
     assert data.preprocessing_stats(train, verbose=False) == stats
     # the held-out split's pixels do not enter the statistics
     val = data.load_split("cifar10", "val", data_dir=str(tmp_path), val_per_class=1)

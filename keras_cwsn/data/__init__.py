@@ -9,7 +9,7 @@ from keras_cwsn._lazy import lazy_getattr
 _EXPORTS = {
     "registry": ("DATASETS", "DatasetSpec", "DatasetUnavailableError", "get_dataset"),
     "pipeline": ("SPLITS", "Split", "dataset_info", "load_split", "holdout_mask", "preprocessing_stats",
-                 "make_pipeline"),
+                 "make_pipeline", "resolve_eval_split", "has_test_split"),
     "info": ("DatasetInfo",),
 }
 __all__ = [name for names in _EXPORTS.values() for name in names]

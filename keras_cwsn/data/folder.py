@@ -1,20 +1,22 @@
 """Read a folder of class sub-folders (`DIR/<split>/<class>/*.jpg`) into memory, in parallel, once.
 
-Decoding runs in tf.data (parallel, AUTOTUNE); files that fail to decode (corrupt, zero bytes)
+Decoding runs in tf.data (parallel, AUTOTUNE), or with Pillow in threads where TensorFlow is not
+installed; files that fail to decode (corrupt, zero bytes)
 are skipped and counted by name. The decoded arrays are cached as `.npy` under the cache
 folder, keyed by the listing (paths, sizes, mtimes), so later runs start in a second.
 """
 
+import concurrent.futures
 import hashlib
 import json
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from keras_cwsn.atomic import atomic_path, write_json_atomic
 from keras_cwsn.constants import IMAGE_EXTENSIONS
 from keras_cwsn.errors import UserError
+from keras_cwsn.optional import tensorflow_available
 
 
 class FolderError(UserError):
@@ -51,11 +53,20 @@ def list_split(data_dir, split_folder, class_names):
     return paths, np.asarray(labels, dtype=np.int64), report
 
 
-def decode_files(paths, labels, image_size):
+def decode_files(paths, labels, image_size, decoder="auto"):
     """Decode image files in parallel to uint8 (N, H, W, 3) at `image_size`; skip undecodable ones.
+
+    Args:
+        decoder: str. `"tensorflow"` (tf.data, parallel), `"pillow"` (threads; no TensorFlow needed)
+            or `"auto"` (TensorFlow where it is installed). Both give the same pixels for lossless
+            files; JPEG decoders may differ by a grey level.
 
     Returns (images, labels, skipped_paths).
     """
+    if decoder == "pillow" or (decoder == "auto" and not tensorflow_available()):
+        return _decode_files_pillow(paths, labels, image_size)
+    import tensorflow as tf
+
     height, width = image_size
 
     def load(index):
@@ -81,6 +92,35 @@ def decode_files(paths, labels, image_size):
     images = np.concatenate(images) if images else np.zeros((0, height, width, 3), np.uint8)
     skipped = sorted(set(range(len(paths))) - set(kept.tolist()))
     return images, labels[kept], [paths[i] for i in skipped]
+
+
+def _decode_one_pillow(path, image_size):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")  # grey, CMYK, palette and alpha images become RGB
+        if image.size != (image_size[1], image_size[0]):
+            image = image.resize((image_size[1], image_size[0]), Image.BILINEAR, reducing_gap=None)
+        return np.asarray(image, np.uint8)
+
+
+def _decode_files_pillow(paths, labels, image_size):
+    """`decode_files` with Pillow in a thread pool (decoding releases the GIL)."""
+    from PIL import UnidentifiedImageError
+
+    def load(path):
+        try:
+            return _decode_one_pillow(path, image_size)
+        except (OSError, UnidentifiedImageError, ValueError):  # corrupt, truncated, zero bytes
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(load, paths, chunksize=64))
+    kept = [i for i, image in enumerate(decoded) if image is not None]
+    images = (np.stack([decoded[i] for i in kept]) if kept
+              else np.zeros((0, image_size[0], image_size[1], 3), np.uint8))
+    skipped = [paths[i] for i, image in enumerate(decoded) if image is None]
+    return images, labels[np.asarray(kept, np.int64)], skipped
 
 
 def load_folder_split(data_dir, split_folder, class_names, image_size, cache_dir=None, verbose=True):

@@ -1,8 +1,9 @@
-"""One entry point for every dataset: raw splits in, batched `(image, {output: labels})` tf.data out.
+"""Every dataset's splits (`load_split`), their statistics, and batched `(image, {output: labels})` tf.data.
 
-Sources: `synthetic` (embedded, no download), `cifar10` / `cifar100` (a local folder of class
-sub-folders via `data_dir`, else TFDS), `birdsnap34` / `birdsnap` (TFDS builder over a manual
-download). The hierarchies are tables in `keras_cwsn/data/tables/`.
+Sources (`registry.DATASETS`): `synthetic` (embedded, no download), `cifar10` / `cifar100` (a
+local folder of class sub-folders via `data_dir`, else TFDS), `birdsnap34` / `birdsnap` (TFDS
+builder over a manual download). In-memory splits (synthetic, folders) load without TensorFlow,
+so the protocol runs on JAX too; TFDS, Birdsnap and `make_pipeline` need it.
 """
 
 import dataclasses
@@ -11,13 +12,13 @@ import json
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from keras_cwsn.atomic import write_json_atomic
-from keras_cwsn.data import folder, preprocess
+from keras_cwsn.data import folder, normalize
 from keras_cwsn.data.info import DatasetInfo, read_hierarchy_table
 from keras_cwsn.data.registry import DatasetUnavailableError, get_dataset
 from keras_cwsn.data.synthetic import make_synthetic, synthetic_info
+from keras_cwsn.optional import tensorflow_available
 
 SPLITS = ("train", "val", "test")
 
@@ -27,7 +28,8 @@ class Split:
     """One split of one dataset, before preprocessing.
 
     Attributes:
-        dataset: unbatched `tf.data.Dataset` of (uint8 image (H, W, 3), int64 fine label).
+        dataset: unbatched `tf.data.Dataset` of (uint8 image (H, W, 3), int64 fine label), or None
+            for an in-memory split where TensorFlow is not installed.
         labels: int64 array of the fine labels, in dataset order.
         info: DatasetInfo.
         images: uint8 array (N, H, W, 3) for in-memory sources, else None.
@@ -44,6 +46,27 @@ class Split:
 
     def __len__(self):
         return len(self.labels)
+
+
+def require_tensorflow(what):
+    """A one-line error naming what needs TensorFlow, where it is not installed."""
+    if not tensorflow_available():
+        raise DatasetUnavailableError(f"{what} needs TensorFlow, which is not installed here; on this machine "
+                                      f"use the embedded dataset or a folder (--data-dir DIR/train/<class>/*.jpg).")
+
+
+def has_test_split(name, data_dir=None):
+    """Whether the dataset offers a test split: TFDS and Birdsnap do, a folder only with `test/`."""
+    if get_dataset(name).source == "cifar" and data_dir is not None:
+        return os.path.isdir(os.path.join(data_dir, "test"))
+    return True
+
+
+def resolve_eval_split(config):
+    """The split the figures are on: the config's, or on `auto` test where there is one (the paper's), else val."""
+    if config["eval_split"] != "auto":
+        return config["eval_split"]
+    return "test" if has_test_split(config["dataset"], config["data_dir"]) else "val"
 
 
 def dataset_info(name):
@@ -64,7 +87,7 @@ def load_split(name, split, data_dir=None, val_per_class=500, synthetic=None, ca
         data_dir: str or None. Local folder (`train/<class>/*`, optional `test/<class>/*`) for
             CIFAR; the Birdsnap download folder for Birdsnap. Defaults to None (TFDS / default dir).
         val_per_class: int. Images per class held out of `train/` as `val` (the last ones by file
-            name). Defaults to 500.
+            name); 0 trains on all of `train/` (when the figures are on `test`). Defaults to 500.
         synthetic: dict or None. `train_size`, `eval_size`, `num_coarse`, `fine_per_coarse`, `data_seed`.
         cache_dir: str or None. Where decoded folders and statistics are cached.
     """
@@ -85,7 +108,11 @@ def load_split(name, split, data_dir=None, val_per_class=500, synthetic=None, ca
 
 def _from_arrays(name, split, images, labels, info, report=None):
     info = dataclasses.replace(info, num_examples={split: int(len(labels))})
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    dataset = None
+    if tensorflow_available():
+        import tensorflow as tf
+
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     return Split(name, split, dataset, np.asarray(labels, np.int64), info, images, report or {})
 
 
@@ -114,6 +141,8 @@ def _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose
         return _from_arrays(name, split, images, labels, info, report)
     images, labels, report = folder.load_folder_split(data_dir, "train", info.fine_names, info.image_size,
                                                       cache_dir, verbose)
+    if split == "train" and not val_per_class:  # the figures are on test/: train on every image
+        return _from_arrays(name, split, images, labels, info, report)
     held_out = holdout_mask(labels, val_per_class)
     keep = held_out if split == "val" else ~held_out
     report = dict(report, held_out_per_class=val_per_class)
@@ -132,6 +161,7 @@ def holdout_mask(labels, per_class):
 
 
 def _tfds_cifar_split(name, split, info, val_per_class):
+    require_tensorflow(f"Loading {name} from TFDS")
     import tensorflow_datasets as tfds
 
     try:
@@ -144,7 +174,7 @@ def _tfds_cifar_split(name, split, info, val_per_class):
         ) from None
     images, labels = (np.asarray(a) for a in tfds.as_numpy(data))
     labels = labels.astype(np.int64)
-    if split != "test":
+    if split != "test" and (split == "val" or val_per_class):
         held_out = holdout_mask(labels, val_per_class)
         keep = held_out if split == "val" else ~held_out
         images, labels = images[keep], labels[keep]
@@ -152,6 +182,9 @@ def _tfds_cifar_split(name, split, info, val_per_class):
 
 
 def _birdsnap_split(name, split, data_dir, info):
+    require_tensorflow("Birdsnap (a TFDS builder)")
+    import tensorflow as tf
+
     from keras_cwsn.data import birdsnap
 
     config = "birdsnap34" if name == "birdsnap34" else "birdsnap500"
@@ -173,7 +206,7 @@ def preprocessing_stats(train, cache_dir=None, verbose=True):
     """Normalisation constants from the training split: U, V mean/std for "yuv" (cached), ImageNet's else."""
     info = train.info
     if info.normalization == "imagenet":
-        return {"normalization": "imagenet", "mean": list(preprocess.IMAGENET_MEAN), "std": list(preprocess.IMAGENET_STD)}
+        return {"normalization": "imagenet", "mean": list(normalize.IMAGENET_MEAN), "std": list(normalize.IMAGENET_STD)}
     key = hashlib.sha1(np.ascontiguousarray(train.labels).tobytes())
     if train.images is not None:
         key.update(np.ascontiguousarray(train.images[:: max(1, len(train) // 512)]).tobytes())
@@ -181,8 +214,11 @@ def preprocessing_stats(train, cache_dir=None, verbose=True):
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    batches = (b for b in train.dataset.map(lambda image, label: image).batch(2048).as_numpy_iterator())
-    stats = dict(preprocess.compute_uv_stats(batches), normalization="yuv")
+    if train.images is not None:
+        batches = (train.images[i:i + 2048] for i in range(0, len(train), 2048))
+    else:
+        batches = (b for b in train.dataset.map(lambda image, label: image).batch(2048).as_numpy_iterator())
+    stats = dict(normalize.compute_uv_stats(batches), normalization="yuv")
     if verbose:
         print(f"[data] {train.name} training-split U, V mean {stats['uv_mean']} std {stats['uv_std']} "
               f"(over {len(train)} images; cached in {path})")
@@ -211,6 +247,11 @@ def make_pipeline(split, stats, batch_size, levels=None, training=False, seed=0,
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1. Received: {batch_size}")
+    require_tensorflow("A tf.data pipeline")
+    import tensorflow as tf
+
+    from keras_cwsn.data import preprocess
+
     info = split.info
     size = tuple(info.image_size)
     normalization = stats["normalization"]

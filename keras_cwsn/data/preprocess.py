@@ -2,15 +2,12 @@
 
 CIFAR-style ("yuv", after Hsu & Kira): RGB -> YUV, Y standardised per image, U and V by the
 training split's mean and std. Birdsnap ("imagenet"): RGB scaled to [0, 1] and normalised with
-ImageNet's mean and std.
+ImageNet's mean and std. `normalize` holds the same in NumPy for in-memory splits.
 """
 
-import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = ("yuv", "imagenet")
+from keras_cwsn.data.normalize import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, compute_uv_stats  # noqa: F401
 
 
 def yuv_normalize(images, uv_mean, uv_std):
@@ -52,20 +49,3 @@ def preprocess(images, normalization, stats):
     if normalization == "imagenet":
         return imagenet_normalize(images)
     raise ValueError(f"Unknown normalization. Expected one of {NORMALIZATIONS}. Received: {normalization!r}")
-
-
-def compute_uv_stats(image_batches):
-    """Mean and std of the U and V channels over every pixel of an iterable of uint8 image batches."""
-    total, total_sq, count = np.zeros(2), np.zeros(2), 0
-    for batch in image_batches:
-        uv = tf.image.rgb_to_yuv(tf.cast(batch, tf.float32) / 255.0)[..., 1:].numpy().astype(np.float64)
-        uv = uv.reshape(-1, 2)
-        total += uv.sum(axis=0)
-        total_sq += (uv**2).sum(axis=0)
-        count += uv.shape[0]
-    if count == 0:
-        raise ValueError("Cannot compute U, V statistics of an empty training split.")
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    return {"uv_mean": mean.round(6).tolist(), "uv_std": np.maximum(std, 1e-6).round(6).tolist()}
-

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 from keras_cwsn import data as data_lib
+from keras_cwsn.data.normalize import normalize
 from keras_cwsn.training.records import warn_data_report
 from keras_cwsn.training.seeds import derived_seed, epoch_order
 
@@ -25,6 +26,7 @@ class RunData:
     train: object
     evaluation: object
     stats: dict
+    eval_split: str  # "val" or "test": the split the figures are on
     train_x: np.ndarray = None
     eval_x: np.ndarray = None
 
@@ -55,25 +57,28 @@ class RunData:
 
 
 def load_run_data(config, quiet=False):
-    """Load the config's training and evaluation splits, their statistics and preprocessed arrays."""
-    load = dict(data_dir=config["data_dir"], val_per_class=config["val_per_class"], synthetic=config["synthetic"],
-                verbose=False)
+    """Load the config's training and evaluation splits, their statistics and preprocessed arrays.
+
+    With the figures on `test` (the paper's protocol, and `eval_split: auto` wherever there is a test
+    split) the model trains on every training image; on `val` the held-out images are left out.
+    """
+    eval_split = data_lib.resolve_eval_split(config)
+    load = dict(data_dir=config["data_dir"], synthetic=config["synthetic"], verbose=False,
+                val_per_class=config["val_per_class"] if eval_split == "val" else 0)
     train = data_lib.load_split(config["dataset"], "train", **load)
-    evaluation = data_lib.load_split(config["dataset"], config["eval_split"], **load)
+    evaluation = data_lib.load_split(config["dataset"], eval_split, **load)
     for split in (train, evaluation):
         warn_data_report(split)
     stats = data_lib.preprocessing_stats(train, verbose=not quiet)
-    return RunData(train, evaluation, stats, preprocess_split(train, stats), preprocess_split(evaluation, stats))
+    return RunData(train, evaluation, stats, eval_split, preprocess_split(train, stats),
+                   preprocess_split(evaluation, stats))
 
 
 def preprocess_split(split, stats, chunk=8192):
     """The split's images preprocessed into one float32 array, or None for a streamed split."""
     if split.images is None:
         return None
-    from keras_cwsn.data import preprocess
-
-    parts = [np.asarray(preprocess.preprocess(split.images[i:i + chunk], stats["normalization"], stats))
-             for i in range(0, len(split), chunk)]
+    parts = [normalize(split.images[i:i + chunk], stats) for i in range(0, len(split), chunk)]
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 

@@ -21,6 +21,7 @@ from keras_cwsn.constants import FIGURES
 from keras_cwsn.errors import RunError
 from keras_cwsn.metrics import ClusteringMetrics, clustering_report, hungarian_mapping, predict_clusters
 from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, build_model, variant_levels
+from keras_cwsn.optional import tensorflow_available
 from keras_cwsn.training import records
 from keras_cwsn.training import resume as resume_policy
 from keras_cwsn.training.callbacks import EpochLearningRate, EpochTimer, ResumableWarmStart, StopOnNonFinite
@@ -67,14 +68,14 @@ def run(config, output_dir, overwrite=False, quiet=False, resume=True):
     ctx.data = load_run_data(config, quiet)
     timings = {"data_s": round(time.time() - started, 2)}
     results = {"dataset": config["dataset"], "variant": config["variant"], "seed": config["seed"],
-               "num_train": len(ctx.data.train), "num_eval": len(ctx.data.evaluation), "eval_split": config["eval_split"]}
+               "num_train": len(ctx.data.train), "num_eval": len(ctx.data.evaluation), "eval_split": ctx.data.eval_split}
     clusterer = mapping = None
     if config["variant"] != CLASSIFIER_VARIANT:  # phase 1: cluster pretraining, then the Hungarian mapping
         clusterer, cluster_result = cluster_phase(ctx)
         mapping = np.asarray(cluster_result["mapping"])
         results.update(cluster_result["eval"], train_cluster_accuracy=cluster_result["train"]["cluster_accuracy"])
         timings["cluster_s"] = cluster_result["seconds"]
-        ctx.say(f"[cluster] {config['eval_split']}: " +
+        ctx.say(f"[cluster] {ctx.data.eval_split}: " +
                 ", ".join(f"{k} {v:.4f}" for k, v in cluster_result["eval"].items()))
     t0 = time.time()  # phase 2: classification, warm-started from the clusterer (from scratch for `ce`)
     classifier, warm = classify_phase(ctx, clusterer, mapping)
@@ -231,7 +232,7 @@ def fit_phase(ctx, phase, model, settings, levels, extra=(), validation_data=Non
 
 
 def _tensorboard(ctx, phase):
-    if not records.tensorboard_available():
+    if not tensorflow_available():
         return []
     return [keras.callbacks.TensorBoard(log_dir=os.path.join(ctx.output_dir, "logs", phase), write_graph=False,
                                         update_freq="epoch")]
@@ -257,7 +258,7 @@ def write_outputs(ctx, classifier, clusterer, results):
 
         if not distribute.is_chief():
             return
-    if not records.tensorboard_available():
+    if not tensorflow_available():
         ctx.say("[export] no TensorFlow here: the SavedModel is not written; run `python -m keras_cwsn.export "
                 f"{out}` where TensorFlow is installed")
         return

@@ -19,6 +19,7 @@ from keras_cwsn.atomic import atomic_path, write_json_atomic
 from keras_cwsn.constants import FIGURES
 from keras_cwsn.errors import RunError, one_line
 from keras_cwsn.models import penultimate_model
+from keras_cwsn.optional import tensorflow_available
 from keras_cwsn.report import seed_std
 
 
@@ -37,19 +38,10 @@ def save_keras_atomic(model, path):
         model.save(tmp)
 
 
-def tensorboard_available():
-    """TensorBoard's summary writer needs TensorFlow (not installed on a JAX-only machine)."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def write_config(output_dir, config):
     """config.json, and the config as text in TensorBoard (when TensorFlow is there)."""
     write_json_atomic(os.path.join(output_dir, "config.json"), config)
-    if not tensorboard_available():
+    if not tensorflow_available():  # TensorBoard's writer needs it
         return
     import tensorflow as tf
 
