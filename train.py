@@ -15,6 +15,7 @@ import time
 from keras_cwsn.constants import STRATEGIES
 from keras_cwsn.data.registry import datasets_help
 from keras_cwsn.errors import UsageError, UserError, one_line, print_error
+from keras_cwsn.optional import tensorflow_available
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,6 +115,8 @@ def _import_tensorflow_quietly():
     """
     if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
         return
+    if not tensorflow_available():  # e.g. KERAS_BACKEND=jax on a machine without TensorFlow
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -137,7 +140,7 @@ def main(argv=None):
         return e.code if isinstance(e.code, int) else 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _import_tensorflow_quietly()
-    if args.quiet:  # logs only: TensorFlow's Python warnings (e.g. predict retracing notices) too
+    if args.quiet and tensorflow_available():  # TensorFlow's Python warnings (e.g. predict retracing) too
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")

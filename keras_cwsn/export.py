@@ -27,10 +27,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_cwsn.constants import MODEL_INFO_ASSET
 from keras_cwsn.data import preprocess
 from keras_cwsn.models import CLASSIFIER_OUTPUT
 
-ASSET_FILE = "cwsn_model_info.json"
+ASSET_FILE = MODEL_INFO_ASSET
 SIGNATURES = ("serving_default", "serve_jpeg")
 INPUTS = {"serving_default": "images", "serve_jpeg": "image_bytes"}
 OUTPUTS = ("probabilities", "class_ids", "class_names", "top_k_ids", "top_k_scores", "top_k_names")
@@ -254,3 +255,58 @@ def export_classifier(classifier, path, class_names, image_size, stats, metadata
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+def run_metadata(config, results):
+    """The facts about a run that travel with its SavedModel (dataset, variant, figures)."""
+    return {"dataset": config["dataset"], "variant": config["variant"], "figures": dict(results)}
+
+
+def export_run(run_dir, path=None):
+    """Export a finished run's `classifier.keras` as the SavedModel `run_dir/classifier` (or `path`).
+
+    For runs trained where TensorFlow was missing (the JAX backend): the same folder `train.py`
+    writes on TensorFlow, built from the run's own `preprocessing.json` and `metrics.json`.
+    """
+    from keras_cwsn.data import dataset_info
+    from keras_cwsn.errors import UserError
+
+    needed = ("classifier.keras", "preprocessing.json", "metrics.json")
+    missing = [name for name in needed if not os.path.isfile(os.path.join(run_dir, name))]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished run of this version: {', '.join(missing)} missing.")
+    with open(os.path.join(run_dir, "preprocessing.json")) as f:
+        stats = json.load(f)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        results = json.load(f)
+    config = results["config"]
+    info = dataset_info(config["dataset"])
+    classifier = keras.saving.load_model(os.path.join(run_dir, "classifier.keras"), compile=False)
+    figures = {k: v for k, v in results.items() if k not in ("config", "versions", "data", "class_names")}
+    return export_classifier(classifier, path or os.path.join(run_dir, "classifier"), results["class_names"],
+                             info.image_size, stats, metadata=run_metadata(config, figures))
+
+
+def main(argv=None):
+    """`python -m keras_cwsn.export RUN [--output DIR]`: exit 0, or 2 with one line on a bad run folder."""
+    import argparse
+    import sys
+
+    from keras_cwsn.errors import UserError, print_error
+
+    parser = argparse.ArgumentParser(prog="python -m keras_cwsn.export",
+                                     description="Write a finished run's classifier.keras as a servable SavedModel.")
+    parser.add_argument("run", help="the run folder (holds classifier.keras, preprocessing.json, metrics.json)")
+    parser.add_argument("--output", default=None, help="SavedModel folder (default: RUN/classifier)")
+    args = parser.parse_args(argv)
+    try:
+        path = export_run(args.run, args.output)
+    except (UserError, OSError, ValueError) as e:
+        print_error(e, parser.prog)
+        return 2
+    print(f"{parser.prog}: wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -246,8 +246,11 @@ def _verbosity(quiet):
 
 
 def write_outputs(ctx, classifier, clusterer, results):
-    """Projector embeddings of an evaluation sample, and the SavedModel (chief only, TensorFlow only)."""
+    """classifier.keras, preprocessing.json, projector embeddings, and the SavedModel (chief, TensorFlow only)."""
     config, data, out = ctx.config, ctx.data, ctx.output_dir
+    with records.writing("the classifier", out):
+        records.save_keras_atomic(classifier, os.path.join(out, "classifier.keras"))
+        write_json_atomic(os.path.join(out, "preprocessing.json"), data.stats)  # what `keras_cwsn.export` needs
     sample = min(config["embedding_sample"], len(data.evaluation))
     if sample:  # predict is collective under a multi-worker strategy: every worker takes part
         with records.writing("the embedding projector", os.path.join(out, "logs", "projector")):
@@ -267,8 +270,7 @@ def write_outputs(ctx, classifier, clusterer, results):
     export_path = os.path.join(out, "classifier")
     with records.writing("the exported classifier", export_path):
         export_lib.export_classifier(classifier, export_path, ctx.info.fine_names, ctx.info.image_size, data.stats,
-                                     metadata={"dataset": config["dataset"], "variant": config["variant"],
-                                               "figures": dict(results)})
+                                     metadata=export_lib.run_metadata(config, results))
 
 
 def _first_images(data, count):

@@ -1,0 +1,173 @@
+"""The whole protocol on whichever Keras backend runs the tests, with or without TensorFlow installed.
+
+CI runs this module twice: in the TensorFlow environment, and with `KERAS_BACKEND=jax` in an
+environment where TensorFlow is not installed (requirements-jax.txt). Nothing here imports
+TensorFlow at module level; the SavedModel checks run only where it is installed.
+"""
+
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from conftest import CIFAR10_CLASSES, make_cifar_tree
+
+import train
+from keras_cwsn.optional import tensorflow_available
+
+TINY = ["--set", "synthetic.train_size=96", "--set", "synthetic.eval_size=48", "--batch-size", "16",
+        "--set", "embedding_sample=8", "--set", "metrics_sample=64", "--quiet"]
+
+
+def _history(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _figures(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("any_backend") / "run")
+    assert train.main(["--variant", "C", "--cluster-epochs", "2", "--classify-epochs", "1", "--seed", "3", *TINY,
+                       "--output-dir", out]) == 0
+    return out
+
+
+def test_every_output_of_a_run(finished_run):
+    figures = _figures(finished_run)
+    assert figures["backend"] == keras.backend.backend()
+    for name in ("clusterer.keras", "classifier.keras", "preprocessing.json", "cluster_result.json",
+                 "warm_start.json", "config.json"):
+        assert os.path.isfile(os.path.join(finished_run, name)), name
+    cluster = _history(os.path.join(finished_run, "cluster_history.csv"))
+    classify = _history(os.path.join(finished_run, "classify_history.csv"))
+    assert len(cluster) == 2 and len(classify) == 1
+    for row in cluster:  # the per-epoch figures and what they and the epoch cost
+        assert 0 <= float(row["val_cluster_accuracy"]) <= 1 and float(row["epoch_seconds"]) > 0
+        assert 0 < float(row["figures_seconds"]) < float(row["epoch_seconds"])
+    assert float(cluster[1]["learning_rate"]) > 0 and "val_accuracy" in classify[0]
+    # the SavedModel is written where TensorFlow is; elsewhere it is left to `python -m keras_cwsn.export`
+    assert os.path.isdir(os.path.join(finished_run, "classifier")) == tensorflow_available()
+
+
+def test_classifier_file_reproduces_the_reported_accuracy(finished_run):
+    from keras_cwsn import data as data_lib
+    from keras_cwsn.data.normalize import normalize
+
+    figures = _figures(finished_run)
+    with open(os.path.join(finished_run, "preprocessing.json")) as f:
+        stats = json.load(f)
+    evaluation = data_lib.load_split("synthetic", figures["eval_split"], synthetic=figures["config"]["synthetic"])
+    classifier = keras.saving.load_model(os.path.join(finished_run, "classifier.keras"), compile=False)
+    probabilities = classifier.predict(normalize(evaluation.images, stats), verbose=0)["probabilities"]
+    accuracy = float(np.mean(np.argmax(probabilities, -1) == evaluation.labels))
+    assert accuracy == pytest.approx(figures["classification_accuracy"], abs=1e-6)
+
+
+def test_stored_mapping_is_the_hungarian_mapping_of_the_training_clusters(finished_run):
+    from keras_cwsn import data as data_lib
+    from keras_cwsn.data.normalize import normalize
+
+    figures = _figures(finished_run)
+    with open(os.path.join(finished_run, "preprocessing.json")) as f:
+        stats = json.load(f)
+    with open(os.path.join(finished_run, "cluster_result.json")) as f:
+        mapping = np.asarray(json.load(f)["mapping"])
+    train_split = data_lib.load_split("synthetic", "train", synthetic=figures["config"]["synthetic"])
+    clusterer = keras.saving.load_model(os.path.join(finished_run, "clusterer.keras"), compile=False)
+    clusters = np.argmax(clusterer.predict(normalize(train_split.images, stats), verbose=0)["fine_fc3"], -1)
+    k = len(mapping)
+    counts = np.zeros((k, k))
+    np.add.at(counts, (clusters, train_split.labels), 1)  # cluster x class
+    rows, cols = linear_sum_assignment(-counts)
+    assert counts[np.arange(k), mapping].sum() == counts[rows, cols].sum()  # an optimal assignment
+    accuracy = counts[np.arange(k), mapping].sum() / len(clusters)
+    with open(os.path.join(finished_run, "cluster_result.json")) as f:
+        assert json.load(f)["train"]["cluster_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_interrupted_run_resumes_to_the_same_figures(tmp_path, monkeypatch):
+    from keras_cwsn.training import protocol
+
+    args = ["--variant", "A", "--cluster-epochs", "2", "--classify-epochs", "2", "--seed", "5", *TINY]
+    assert train.main(args + ["--output-dir", str(tmp_path / "reference")]) == 0
+
+    class Interrupted(Exception):
+        pass
+
+    class StopAfterFirstClassifyEpoch(protocol.EpochTimer):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1 and "probabilities" in self.model.output_names:  # the classifier's second epoch
+                raise Interrupted()
+            super().on_epoch_begin(epoch, logs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(protocol, "EpochTimer", StopAfterFirstClassifyEpoch)
+        with pytest.raises(Interrupted):
+            train.main(args + ["--output-dir", str(tmp_path / "resumed")])
+    assert (tmp_path / "resumed" / "cluster_result.json").exists()
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    assert train.main(args + ["--output-dir", str(tmp_path / "resumed")]) == 0
+    reference, resumed = _figures(tmp_path / "reference"), _figures(tmp_path / "resumed")
+    for key in ("cluster_accuracy", "nmi", "classification_accuracy"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+    assert [event["phase"] for event in resumed["resumed"]] == ["classify"]
+
+
+def test_broken_images_are_skipped_and_counted(tmp_path):
+    make_cifar_tree(str(tmp_path / "data"), per_class=3, splits=("train", "test"))
+    (tmp_path / "data" / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (tmp_path / "data" / "train" / "dog" / "empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    assert train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--variant", "ce",
+                       "--epochs", "1", "--batch-size", "10", "--set", "embedding_sample=0", "--quiet",
+                       "--output-dir", str(out)]) == 0
+    figures = _figures(out)
+    assert figures["eval_split"] == "test" and figures["num_train"] == 30  # all of train/ (paper's protocol)
+    report = figures["data"]["train"]
+    assert report["listed"] == 32 and report["decoded"] == 30
+    assert sorted(os.path.basename(p) for p in report["skipped_undecodable"]) == ["broken.jpg", "empty.png"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "E"], "Config key 'variant' must be one of"),
+    (["--criterion", "triplet"], "Config key 'criterion' must be one of kcl, mcl"),
+    (["--dataset", "cifar11"], "Did you mean 'cifar10'?"),
+    (["--epochs", "many"], "invalid int value"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    assert train.main(argv + ["--output-dir", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_unknown_class_folder_exits_2_with_one_line(tmp_path, capsys):
+    make_cifar_tree(str(tmp_path / "data"), per_class=1, classes=CIFAR10_CLASSES[:2] + ("unicorn",))
+    assert train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--quiet",
+                       "--output-dir", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "unicorn" in lines[0] and "not in the class table" in lines[0], lines
+
+
+def test_export_later_writes_the_savedmodel_of_a_run(finished_run, tmp_path):
+    """`python -m keras_cwsn.export RUN` (for runs trained without TensorFlow) serves the run's classifier."""
+    tf = pytest.importorskip("tensorflow")
+    from keras_cwsn import export as export_lib
+
+    assert export_lib.main([finished_run, "--output", str(tmp_path / "model")]) == 0
+    figures = _figures(finished_run)
+    from keras_cwsn import data as data_lib
+
+    evaluation = data_lib.load_split("synthetic", figures["eval_split"], synthetic=figures["config"]["synthetic"])
+    serve = tf.saved_model.load(str(tmp_path / "model")).signatures["serving_default"]
+    ids = serve(images=tf.constant(evaluation.images))["class_ids"].numpy()
+    assert float(np.mean(ids == evaluation.labels)) == pytest.approx(figures["classification_accuracy"], abs=1e-6)
+    assert export_lib.main([str(tmp_path)]) == 2
