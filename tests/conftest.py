@@ -265,3 +265,22 @@ def protocol_run(tmp_path_factory):
         metrics = json.load(f)
     return dict(captured, dir=out, model_dir=os.path.join(out, "classifier"), metrics=metrics,
                 config=metrics["config"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: where TensorFlow is not installed (the JAX environment of requirements-jax.txt), the
+# modules that need it are not collected; everything else runs on the active Keras backend.
+# ---------------------------------------------------------------------------------------------
+
+
+def _imports_tensorflow_at_top(path):
+    with open(path, encoding="utf-8") as f:
+        return any(line.startswith(("import tensorflow", "from tensorflow")) for line in f)
+
+
+def pytest_ignore_collect(collection_path, config):
+    from keras_cwsn.optional import tensorflow_available
+
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_") and not tensorflow_available():
+        return _imports_tensorflow_at_top(collection_path) or None
+    return None
