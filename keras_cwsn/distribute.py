@@ -5,7 +5,7 @@ a `tf.distribute.Strategy`; models are built and compiled under `strategy.scope(
 `model.fit`, which splits each global batch across the replicas. The pairwise loss all-gathers the
 replicas' outputs (`keras_cwsn.losses.gather_global_batch`) and batch normalisation is synchronised
 (`synchronize_batch_norm`), so that a step on R replicas equals a step on one device with the whole
-global batch. See docs/DISTRIBUTED.md.
+global batch. See the README's section "Several GPUs, several hosts".
 """
 
 import json
@@ -62,7 +62,7 @@ def make_strategy(name="auto"):
             cluster = read_tf_config()
             if not cluster:
                 raise DistributeError("--strategy multiworker reads the cluster from the TF_CONFIG environment "
-                                      "variable, which is not set (see docs/DISTRIBUTED.md).")
+                                      "variable, which is not set (see the README section \"Several hosts\").")
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
         _STRATEGIES[name] = strategy
     return _STRATEGIES[name]

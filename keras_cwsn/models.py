@@ -11,8 +11,9 @@ from keras import layers
 
 LossTap = collections.namedtuple("LossTap", ["level", "layer", "weight"])
 
-# DESIGN.md / Appendix B (weights read earliest layer first). `fc1_side` is variant D's side
-# branch: a Dense layer parallel to fc1, fed by the same input, whose output feeds nothing else.
+# The paper's Fig. 2 / Appendix B (weights read earliest layer first: README, "Decisions where the
+# paper is silent"). `fc1_side` is variant D's side branch: a Dense layer parallel to fc1, fed by
+# the same input, whose output feeds nothing else.
 VARIANTS = {
     "A": (LossTap("fine", "fc3", 1.0),),
     "B": (LossTap("fine", "fc2", 0.2), LossTap("fine", "fc3", 0.8)),

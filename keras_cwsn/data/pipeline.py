@@ -170,7 +170,7 @@ def _tfds_cifar_split(name, split, info, val_per_class):
         raise DatasetUnavailableError(
             f"Could not load {name} from TFDS ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             f"Without internet, pass --data-dir DIR with DIR/train/<class>/*.jpg "
-            f"(e.g. unpack ../shared/data/cifar10/cifar10-train-jpg.tar.gz)."
+            f"(a folder of class sub-folders, e.g. the CIFAR-10 images as JPEG or PNG files)."
         ) from None
     images, labels = (np.asarray(a) for a in tfds.as_numpy(data))
     labels = labels.astype(np.int64)
