@@ -119,7 +119,8 @@ def test_optimizers_are_sgd_with_each_phases_momentum_weight_decay_and_rate(prot
 
     clusterer = keras.saving.load_model(os.path.join(protocol_run["dir"], "clusterer.keras"))
     classifier = protocol_run["export"]["classifier"]
-    expected = {"cluster": (clusterer.optimizer, 0.8, 0.001, 0.02), "classify": (classifier.optimizer, 0.7, 0.0002, 0.005)}
+    expected = {"cluster": (clusterer.optimizer, 0.8, 0.001, 0.02),
+                "classify": (classifier.optimizer, 0.7, 0.0002, 0.005)}
     for phase, (optimizer, momentum, weight_decay, rate) in expected.items():
         assert isinstance(optimizer, keras.optimizers.SGD) and not optimizer.nesterov, phase
         assert optimizer.momentum == pytest.approx(momentum), phase
