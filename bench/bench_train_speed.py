@@ -59,15 +59,17 @@ def time_ours(data_dir, variant, batch, epochs, settings):
 
 
 def write_peer_arrays(data_dir, path, count):
-    """The first `count` preprocessed training images of the same split, for the peer to train on."""
+    """The first `count` preprocessed training images of the same split, for the peer; returns how many."""
     from keras_cwsn.training.inputs import load_run_data
 
     config = set_value(load_config(dataset="cifar10"), "data_dir", data_dir)
     data = load_run_data(config, quiet=True)
     np.savez(path, x_train=data.train_x[:count], y_train=data.train.labels[:count])
+    return min(count, len(data.train))
 
 
-def time_peer(python, script, arrays, batch, loss, steps):
+def time_peer(python, script, arrays, batch, loss, steps, available):
+    steps = min(steps, available // batch)  # the peer slices its blocks from the arrays: never past their end
     out = subprocess.run([python, script, "--batch", str(batch), "--loss", loss, "--steps", str(steps),
                           "--arrays", arrays], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["img_per_s"]
@@ -84,15 +86,25 @@ def main(argv=None):
     p.add_argument("--peer-python", default=None, help="a Python with torch, to run the peer beside ours")
     p.add_argument("--peer-script", default=os.path.join("..", "shared", "bench", "peer_torch_lenet.py"))
     p.add_argument("--peer-steps", type=int, default=640)
+    p.add_argument("--pause-train-jobs", action="store_true",
+                   help="SIGSTOP background `train.py --dataset cifar10` jobs while this runs (SIGCONT at the end)")
     args = p.parse_args(argv)
+    from bench_steps import PauseJobs
+
+    with PauseJobs("cifar10" if args.pause_train_jobs else None, max_seconds=7200):
+        measure(args)
+
+
+def measure(args):
     settings = {k: json.loads(v) if v[:1] in "0123456789[{tf\"" else v
                 for k, v in (item.split("=", 1) for item in args.set)}
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; python {' '.join(sys.argv)}")
-    arrays = None
+          f"{os.cpu_count()} cores; python {' '.join(sys.argv)}", flush=True)
+    arrays = available = None
     if args.peer_python:
         arrays = os.path.join(tempfile.mkdtemp(), "peer.npz")
-        write_peer_arrays(args.data_dir, arrays, args.peer_steps * max(int(b) for b in args.batches.split(",")))
+        available = write_peer_arrays(args.data_dir, arrays,
+                                      args.peer_steps * max(int(b) for b in args.batches.split(",")))
     print("| variant | batch | phase | epoch s | img/s | figures s (share) | peer img/s | ours / peer |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in (int(b) for b in args.batches.split(",")):
@@ -100,8 +112,9 @@ def main(argv=None):
             num_train, phases = time_ours(args.data_dir, variant, batch, args.epochs, settings)
             peer = {}
             if arrays:
-                peer["cluster"] = time_peer(args.peer_python, args.peer_script, arrays, batch, "kcl", args.peer_steps)
-                peer["classify"] = time_peer(args.peer_python, args.peer_script, arrays, batch, "ce", args.peer_steps)
+                for phase, loss in (("cluster", "kcl"), ("classify", "ce")):
+                    peer[phase] = time_peer(args.peer_python, args.peer_script, arrays, batch, loss, args.peer_steps,
+                                            available)
             for phase, (seconds, figures) in phases.items():
                 rate = num_train / seconds
                 share = f"{figures:.2f} ({figures / seconds:.0%})" if figures is not None else "-"

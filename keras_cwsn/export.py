@@ -76,58 +76,72 @@ def build_serving_functions(classifier, class_names, image_size, stats, top_k=5)
     ```
     """
     _check_arguments(class_names, image_size, stats, top_k)
-    height, width = (int(s) for s in image_size)
-    num_classes = len(class_names)
-    names = tf.constant(list(class_names), tf.string)
-    k = min(int(top_k), num_classes)
-    # The 32x32 datasets' images are decoded uint8 (folders are resized then rounded); Birdsnap's
-    # variable-size images go to the network as the resize's float values.
-    round_resized = stats["normalization"] == "yuv"
+    graph = _ServingGraph(classifier, class_names, image_size, stats, top_k)
+    serve_images = tf.function(graph.from_images, input_signature=[
+        tf.TensorSpec([None, None, None, None], tf.uint8, name=INPUTS["serving_default"])])
+    serve_jpeg = tf.function(graph.from_bytes, input_signature=[
+        tf.TensorSpec([None], tf.string, name=INPUTS["serve_jpeg"])])
+    return serve_images, serve_jpeg
 
-    def to_model_size(images):
+
+class _ServingGraph:
+    """What both signatures share: fitting images to the model's size, the network, the outputs."""
+
+    def __init__(self, classifier, class_names, image_size, stats, top_k):
+        self.classifier, self.stats = classifier, stats
+        self.height, self.width = (int(s) for s in image_size)
+        self.num_classes = len(class_names)
+        self.names = tf.constant(list(class_names), tf.string)
+        self.k = min(int(top_k), self.num_classes)
+        # The 32x32 datasets' images are decoded uint8 (folders are resized then rounded); Birdsnap's
+        # variable-size images go to the network as the resize's float values.
+        self.round_resized = stats["normalization"] == "yuv"
+
+    def to_model_size(self, images):
         """uint8 RGB (..., h, w, 3) -> float32 (..., H, W, 3) in [0, 255], resized only if needed."""
         shape = tf.shape(images)
-        same = tf.logical_and(tf.equal(shape[-3], height), tf.equal(shape[-2], width))
+        same = tf.logical_and(tf.equal(shape[-3], self.height), tf.equal(shape[-2], self.width))
 
         def resize():
-            resized = preprocess.resize_images(tf.cast(images, tf.float32), (height, width))
+            resized = preprocess.resize_images(tf.cast(images, tf.float32), (self.height, self.width))
             resized = tf.clip_by_value(resized, 0.0, 255.0)
-            return tf.round(resized) if round_resized else resized
+            return tf.round(resized) if self.round_resized else resized
 
         return tf.cond(same, lambda: tf.cast(images, tf.float32), resize)
 
-    def predict(images):
-        result = classifier(preprocess.preprocess(images, stats["normalization"], stats), training=False)
+    def predict(self, images):
+        result = self.classifier(preprocess.preprocess(images, self.stats["normalization"], self.stats),
+                                 training=False)
         if isinstance(result, dict):
             if CLASSIFIER_OUTPUT not in result:
                 raise ValueError(f"The classifier must output {CLASSIFIER_OUTPUT!r}. "
                                  f"Received outputs: {sorted(result)}")
             result = result[CLASSIFIER_OUTPUT]
         probabilities = tf.cast(result, tf.float32)
-        if probabilities.shape.rank != 2 or probabilities.shape[-1] != num_classes:
-            raise ValueError(f"The classifier's probabilities must be (batch, {num_classes}) for {num_classes} "
-                             f"class names. Received shape: {probabilities.shape}")
+        if probabilities.shape.rank != 2 or probabilities.shape[-1] != self.num_classes:
+            raise ValueError(f"The classifier's probabilities must be (batch, {self.num_classes}) for "
+                             f"{self.num_classes} class names. Received shape: {probabilities.shape}")
         return probabilities
 
-    def outputs(images):
+    def outputs(self, images):
         """float32 RGB (batch, H, W, 3) in [0, 255] -> the signature outputs."""
-        images = tf.ensure_shape(images, [None, height, width, 3])
+        images = tf.ensure_shape(images, [None, self.height, self.width, 3])
         # An empty batch never reaches the network (TF's conv kernels mis-shape a batch of 0).
-        probabilities = tf.cond(tf.shape(images)[0] > 0, lambda: predict(images),
-                                lambda: tf.zeros([0, num_classes], tf.float32))
-        top = tf.math.top_k(probabilities, k=k)
+        probabilities = tf.cond(tf.shape(images)[0] > 0, lambda: self.predict(images),
+                                lambda: tf.zeros([0, self.num_classes], tf.float32))
+        top = tf.math.top_k(probabilities, k=self.k)
         class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {
             "probabilities": probabilities,
             "class_ids": class_ids,
-            "class_names": tf.gather(names, class_ids),
+            "class_names": tf.gather(self.names, class_ids),
             "top_k_ids": top.indices,
             "top_k_scores": top.values,
-            "top_k_names": tf.gather(names, top.indices),
+            "top_k_names": tf.gather(self.names, top.indices),
         }
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, name=INPUTS["serving_default"])])
-    def serve_images(images):
+    def from_images(self, images):
+        """`serving_default`: uint8 (batch, h, w, 1|3|4) of any size."""
         shape = tf.shape(images)
         channels = shape[3]
         channels_ok = tf.reduce_any(tf.equal(channels, [1, 3, 4]))
@@ -145,12 +159,12 @@ def build_serving_functions(classifier, class_names, image_size, stats, top_k=5)
                           lambda: images[..., :3])
         rgb = tf.ensure_shape(rgb, [None, None, None, 3])
         fitted = tf.cond(tf.equal(shape[0], 0),
-                         lambda: tf.zeros([0, height, width, 3], tf.float32),
-                         lambda: to_model_size(rgb))
-        return outputs(fitted)
+                         lambda: tf.zeros([0, self.height, self.width, 3], tf.float32),
+                         lambda: self.to_model_size(rgb))
+        return self.outputs(fitted)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUTS["serve_jpeg"])])
-    def serve_jpeg(image_bytes):
+    def from_bytes(self, image_bytes):
+        """`serve_jpeg`: a string vector of encoded images, decoded to RGB in the graph."""
         count = tf.shape(image_bytes)[0]
 
         def decode(args):
@@ -161,13 +175,11 @@ def build_serving_functions(classifier, class_names, image_size, stats, top_k=5)
                 "or WebP image.", (index, count, tf.strings.length(data)))])
             with tf.control_dependencies([check]):
                 image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-            return to_model_size(tf.ensure_shape(image, [None, None, 3]))
+            return self.to_model_size(tf.ensure_shape(image, [None, None, 3]))
 
         images = tf.map_fn(decode, (tf.range(count), image_bytes),
-                           fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
-        return outputs(images)
-
-    return serve_images, serve_jpeg
+                           fn_output_signature=tf.TensorSpec([self.height, self.width, 3], tf.float32))
+        return self.outputs(images)
 
 
 def _jsonable(value):
