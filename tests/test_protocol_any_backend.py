@@ -171,3 +171,30 @@ def test_export_later_writes_the_savedmodel_of_a_run(finished_run, tmp_path):
     ids = serve(images=tf.constant(evaluation.images))["class_ids"].numpy()
     assert float(np.mean(ids == evaluation.labels)) == pytest.approx(figures["classification_accuracy"], abs=1e-6)
     assert export_lib.main([str(tmp_path)]) == 2
+
+
+def test_hparams_and_final_figures_reach_tensorboard(finished_run):
+    """`tensorboard --logdir runs` compares runs in the HParams dashboard: read the event files back."""
+    pytest.importorskip("tensorflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(os.path.join(finished_run, "logs", "hparams"), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    sessions = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
+    start = [s.session_start_info for s in sessions if s.HasField("session_start_info")][0]
+    hparams = {k: v.ListFields()[0][1] for k, v in start.hparams.items()}
+    assert hparams["variant"] == "C" and hparams["criterion"] == "kcl" and hparams["seed"] == 3
+    assert hparams["cluster.epochs"] == 2 and hparams["classify.batch_size"] == 16
+    assert hparams["eval_split"] == "test" and hparams["margin"] == 2.0
+    figures = _figures(finished_run)
+    for key in ("cluster_accuracy", "classification_accuracy"):
+        value = float(tf_value(events.Tensors(f"final/{key}")[0].tensor_proto))
+        assert value == pytest.approx(figures[key], abs=1e-6), key
+
+
+def tf_value(proto):
+    import tensorflow as tf
+
+    return tf.make_ndarray(proto)

@@ -299,6 +299,8 @@ def finish(ctx, results, timings):
                    data={"train": records.data_summary(ctx.data.train),
                          "eval": records.data_summary(ctx.data.evaluation)},
                    class_names=list(ctx.info.fine_names))
+    with records.writing("the HParams summary", out):
+        records.write_hparams(out, config, results)
     with records.writing("metrics.json", out):
         write_json_atomic(os.path.join(out, "metrics.json"), results)  # written last: the run is finished
     shutil.rmtree(os.path.join(out, "backup"), ignore_errors=True)

@@ -112,6 +112,39 @@ def data_summary(split):
     return {k: report[k] for k in keys if k in report}
 
 
+def hparams(config, eval_split):
+    """The hyperparameters a reader compares runs by, flat and TensorBoard-typed (str, float, int, bool)."""
+    from keras_cwsn.config import phase_settings
+
+    found = {"dataset": config["dataset"], "arch": config["arch"], "variant": config["variant"],
+             "head": config["head"], "criterion": config["criterion"], "seed": config["seed"],
+             "margin": float(config["margin"]), "double": config["double"],
+             "schedule_scale": float(config["schedule_scale"]), "eval_split": eval_split,
+             "precision": config["precision"]}
+    for phase in ("cluster", "classify"):
+        settings = phase_settings(config, phase)
+        found.update({f"{phase}.epochs": settings["epochs"], f"{phase}.batch_size": settings["batch_size"],
+                      f"{phase}.learning_rate": float(settings["learning_rate"]),
+                      f"{phase}.weight_decay": float(settings["weight_decay"])})
+    return found
+
+
+def write_hparams(output_dir, config, results):
+    """The run's hyperparameters and final figures for TensorBoard's HParams dashboard (`logs/hparams`)."""
+    if not tensorflow_available():
+        return
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs", "hparams"))
+    with writer.as_default():
+        hp.hparams(hparams(config, results["eval_split"]), trial_id=os.path.basename(os.path.abspath(output_dir)))
+        for key in FIGURES:
+            if key in results:
+                tf.summary.scalar(f"final/{key}", results[key], step=0)
+    writer.close()
+
+
 def summarize(per_seed):
     """Mean, sample std (None for one seed) and best (by classification accuracy, as the paper's best of 5) over seeds."""
     summary = {"seeds": [r["seed"] for r in per_seed], "per_seed": {}}
