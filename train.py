@@ -15,7 +15,7 @@ import time
 from keras_cwsn.constants import STRATEGIES
 from keras_cwsn.data.registry import datasets_help
 from keras_cwsn.errors import UsageError, UserError, one_line, print_error
-from keras_cwsn.optional import tensorflow_available
+from keras_cwsn.optional import import_tensorflow_quietly, tensorflow_available
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,29 +106,6 @@ def parse_seeds(args, config):
     return seeds
 
 
-def _import_tensorflow_quietly():
-    """Import TensorFlow with its C++ start-up notices kept off stderr.
-
-    TensorFlow 2.21 prints absl/oneDNN lines ("WARNING: All log messages before absl::InitializeLog()",
-    "I0000 ... oneDNN custom operations are on") while it loads, whatever TF_CPP_MIN_LOG_LEVEL says;
-    they would bury the one-line error of a failed command. Set TF_CPP_MIN_LOG_LEVEL=0 to see them.
-    """
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
-        return
-    if not tensorflow_available():  # e.g. KERAS_BACKEND=jax on a machine without TensorFlow
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def main(argv=None):
     """Run the command line; returns the exit status (0 done, 2 a user error, reported in one line on stderr)."""
     try:
@@ -138,8 +115,7 @@ def main(argv=None):
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _import_tensorflow_quietly()
+    import_tensorflow_quietly()
     if args.quiet and tensorflow_available():  # TensorFlow's Python warnings (e.g. predict retracing) too
         import tensorflow as tf
 

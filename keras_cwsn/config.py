@@ -15,6 +15,7 @@ from keras_cwsn.constants import CRITERIA, EVAL_SPLITS, HEADS, PRECISIONS, STRAT
 from keras_cwsn.data.registry import DATASETS, get_dataset
 from keras_cwsn.errors import UserError
 from keras_cwsn.models import ALL_VARIANTS, ARCHS
+from keras_cwsn.optimizers import WEIGHT_DECAY_MODES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -56,7 +57,8 @@ TOP_SCHEMA = {
     "eval_split": (lambda v: v == "auto" or v in EVAL_SPLITS, f"auto or one of {', '.join(EVAL_SPLITS)}"),
     "val_per_class": (_positive_int, "an integer >= 1"),
     "data_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
-    "xla": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "xla": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
+    "weight_decay_mode": (lambda v: v in WEIGHT_DECAY_MODES, f"one of {', '.join(WEIGHT_DECAY_MODES)}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     "augment": (lambda v: isinstance(v, bool), "true or false"),
@@ -74,14 +76,14 @@ SYNTHETIC_SCHEMA = {
     "eval_size": (_positive_int, "an integer >= 1"),
     "num_coarse": (lambda v: _positive_int(v) and 2 <= v <= 4, "an integer in 2..4"),
     "fine_per_coarse": (lambda v: _positive_int(v) and 2 <= v <= 5, "an integer in 2..5"),
-    "data_seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "data_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     "noise": (_non_negative_number, "a number >= 0"),
 }
 DEFAULTS = {
     "variant": "D", "double": False, "margin": 2.0, "criterion": "kcl", "head": "hungarian", "schedule_scale": 1.0,
     "eval_split": "auto", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
     "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": "auto",
-    "metrics_sample": 5000, "embedding_sample": 500,
+    "metrics_sample": 5000, "weight_decay_mode": "coupled", "embedding_sample": 500,
     "strategy": "auto", "synthetic": {},
 }
 

@@ -64,7 +64,9 @@ def main(argv=None):
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_cwsn.optional import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     try:
         figures = evaluate_run(args.run, args.data_dir, args.split)
     except (OSError, ValueError) as e:

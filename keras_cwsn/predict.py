@@ -21,13 +21,11 @@ import sys
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+from keras_cwsn.constants import IMAGE_EXTENSIONS
+from keras_cwsn.constants import MODEL_INFO_ASSET as ASSET_FILE
+from keras_cwsn.errors import UsageError, print_error
+
 SIGNATURE = "serve_jpeg"
-ASSET_FILE = "cwsn_model_info.json"  # keras_cwsn.export.ASSET_FILE (not imported: it loads Keras)
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported as one line on stderr, exit status 2."""
 
 
 def find_images(paths):
@@ -90,7 +88,9 @@ def load_model(model_dir):
         UsageError: the folder is missing, is not a SavedModel, or has no `serve_jpeg` signature.
     """
     check_model_dir(model_dir)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_cwsn.optional import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     import tensorflow as tf
 
     try:
@@ -220,7 +220,7 @@ def main(argv=None):
             print(f"{prog}: {note}", file=sys.stderr)
         model, info = load_model(args.model)
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print_error(e, prog)
         return 2
     class_names = info.get("class_names")
     top_k = min(args.top_k, len(class_names)) if class_names else args.top_k

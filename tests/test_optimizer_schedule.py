@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_clusterer
+from keras_cwsn.optimizers import CoupledSGD
 from keras_cwsn.training import EpochLearningRate, build_optimizer
 
 
@@ -19,10 +20,45 @@ def _two_steps(optimizer, w0, g):
     return values
 
 
+SETTINGS = {"epochs": 1, "batch_size": 1, "lr_milestones": [], "lr_factor": 0.5}
+
+
+def test_sgd_step_with_momentum_and_coupled_weight_decay_by_hand():
+    """The default, as torch.optim.SGD (the paper's code): the decay joins the gradient before momentum."""
+    lr, mu, wd = 0.1, 0.9, 0.01
+    optimizer = build_optimizer(dict(SETTINGS, learning_rate=lr, momentum=mu, weight_decay=wd))
+    assert isinstance(optimizer, CoupledSGD) and not optimizer.nesterov and not optimizer.weight_decay
+    w0, g = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    step1, step2 = _two_steps(optimizer, w0, g)
+    v1 = -lr * (g + wd * w0)  # d = g + wd w; v = mu v - lr d; w += v
+    w1 = w0 + v1
+    np.testing.assert_allclose(step1, w1, rtol=1e-6)
+    v2 = mu * v1 - lr * (g + wd * w1)
+    np.testing.assert_allclose(step2, w1 + v2, rtol=1e-6)
+    # the first coordinate: v1 = -0.1 * 0.51 = -0.051, w1 = 0.949; v2 = -0.0459 - 0.1 * 0.50949 = -0.096849
+    assert step2[0] == pytest.approx(0.852151, abs=1e-6)
+    restored = CoupledSGD.from_config(optimizer.get_config())
+    assert restored.coupled_weight_decay == pytest.approx(wd) and restored.momentum == pytest.approx(mu)
+
+
+def test_coupled_decay_is_stronger_than_decoupled_under_momentum():
+    """What the mode changes: with momentum 0.9 the coupled decay shrinks a gradient-free weight ~10x faster."""
+    shrunk = {}
+    for mode in ("coupled", "decoupled"):
+        optimizer = build_optimizer(dict(SETTINGS, learning_rate=0.1, momentum=0.9, weight_decay=0.01), mode)
+        variable = keras.Variable(np.array([1.0], np.float32))
+        optimizer.build([variable])
+        for _ in range(50):  # long enough for the momentum buffer to build up
+            optimizer.apply_gradients([(keras.ops.zeros((1,)), variable)])
+        shrunk[mode] = 1.0 - float(np.array(variable)[0])
+    assert shrunk["coupled"] > 5 * shrunk["decoupled"] > 0
+    with pytest.raises(ValueError, match="weight_decay_mode"):
+        build_optimizer(dict(SETTINGS, learning_rate=0.1, momentum=0.9, weight_decay=0.01), "l2")
+
+
 def test_sgd_step_with_momentum_and_decoupled_weight_decay_by_hand():
     lr, mu, wd = 0.1, 0.9, 0.01
-    optimizer = build_optimizer({"learning_rate": lr, "momentum": mu, "weight_decay": wd, "epochs": 1,
-                                 "batch_size": 1, "lr_milestones": [], "lr_factor": 0.5})
+    optimizer = build_optimizer(dict(SETTINGS, learning_rate=lr, momentum=mu, weight_decay=wd), "decoupled")
     assert isinstance(optimizer, keras.optimizers.SGD) and not optimizer.nesterov
     w0, g = np.array([1.0, -2.0]), np.array([0.5, 0.25])
     step1, step2 = _two_steps(optimizer, w0, g)

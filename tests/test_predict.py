@@ -96,7 +96,9 @@ def test_cli_in_a_fresh_process(model, images):
     assert "corrupt.png: could not decode: not a JPEG, PNG, GIF, BMP or WebP image (9 bytes)" in stderr
     assert "truncated.jpg: could not decode: " in stderr
     assert "3 of 5 image(s) classified; 2 could not be decoded" in stderr
-    assert "LOADED ['keras_cwsn', 'keras_cwsn._lazy']\n" in stderr  # the lazy __init__ alone: no model code
+    # the lazy __init__ and the light shared modules (names, errors, what is installed) alone: no model code
+    assert ("LOADED ['keras_cwsn', 'keras_cwsn._lazy', 'keras_cwsn.constants', 'keras_cwsn.errors', "
+            "'keras_cwsn.optional']\n") in stderr
 
 
 def test_predict_module_does_not_import_keras():
@@ -104,7 +106,14 @@ def test_predict_module_does_not_import_keras():
         tree = ast.parse(f.read())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert not {m for m in imported if m.split(".")[0] in ("keras", "keras_cwsn")}
+    light = {"keras_cwsn.constants", "keras_cwsn.errors", "keras_cwsn.optional"}  # import neither Keras nor TF
+    assert not {m for m in imported if m.split(".")[0] in ("keras", "keras_cwsn")} - light
+    for name in light:
+        with open(os.path.join(ROOT, *name.split(".")) + ".py") as f:
+            tree = ast.parse(f.read())
+        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))  # at import time
+                    and any(a.name.split(".")[0] in ("keras", "tensorflow") for a in n.names)
+                    or isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in ("keras", "tensorflow")]
 
 
 def test_text_output_and_top_k_capped_at_the_classes(model, images, capsys):

@@ -124,7 +124,7 @@ def test_optimizers_are_sgd_with_each_phases_momentum_weight_decay_and_rate(prot
     for phase, (optimizer, momentum, weight_decay, rate) in expected.items():
         assert isinstance(optimizer, keras.optimizers.SGD) and not optimizer.nesterov, phase
         assert optimizer.momentum == pytest.approx(momentum), phase
-        assert optimizer.weight_decay == pytest.approx(weight_decay), phase
+        assert optimizer.coupled_weight_decay == pytest.approx(weight_decay), phase  # the paper's (torch) decay
         assert float(keras.ops.convert_to_numpy(optimizer.learning_rate)) == pytest.approx(rate), phase
         with open(os.path.join(protocol_run["dir"], f"{phase}_history.csv")) as f:
             header, row = f.read().split()[:2]

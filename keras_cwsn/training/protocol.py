@@ -199,9 +199,10 @@ def _build(ctx, variant, settings, phase):
     with ctx.scope():
         model = build_model(config["arch"], variant, info.num_fine, info.num_coarse,
                             tuple(info.image_size) + (3,), config["double"])
-        return compile_model(model, variant, build_optimizer(settings), criterion=config["criterion"],
+        return compile_model(model, variant, build_optimizer(settings, config["weight_decay_mode"]),
+                             criterion=config["criterion"],
                              margin=config["margin"], jit_compile=use_xla(config, replicas), strategy=ctx.strategy,
-                             steps_per_execution=steps_per_execution(config["steps_per_execution"], steps))
+                             steps_per_execution=steps_per_execution(config["steps_per_execution"], steps, replicas))
 
 
 def _resume_epoch(ctx, phase):

@@ -7,13 +7,24 @@ import keras
 
 from keras_cwsn.losses import pairwise_loss
 from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, variant_loss_weights
+from keras_cwsn.optimizers import WEIGHT_DECAY_MODES, CoupledSGD
 
 # Steps per `fit` execution when `steps_per_execution: auto`: measured in docs/BENCHMARKS.md (issue 12).
 AUTO_STEPS_PER_EXECUTION = {"cpu": 32, "gpu": 32}
 
 
-def build_optimizer(settings):
-    """SGD with the phase's learning rate, momentum and decoupled weight decay (Appendix B)."""
+def build_optimizer(settings, weight_decay_mode="coupled"):
+    """SGD with the phase's learning rate, momentum and weight decay (Appendix B).
+
+    `"coupled"` adds the decay to the gradient before momentum, as the paper's PyTorch SGD does
+    (`keras_cwsn.optimizers.CoupledSGD`); `"decoupled"` is Keras's `SGD(weight_decay=...)`.
+    """
+    if weight_decay_mode == "coupled":
+        return CoupledSGD(learning_rate=settings["learning_rate"], momentum=settings["momentum"],
+                          coupled_weight_decay=settings["weight_decay"])
+    if weight_decay_mode != "decoupled":
+        raise ValueError(f"Unknown weight_decay_mode. Expected one of {', '.join(WEIGHT_DECAY_MODES)}. "
+                         f"Received: {weight_decay_mode!r}")
     return keras.optimizers.SGD(learning_rate=settings["learning_rate"], momentum=settings["momentum"],
                                 weight_decay=settings["weight_decay"] or None)
 
@@ -84,12 +95,15 @@ def use_xla(config, replicas=1):
     return bool(config["xla"])
 
 
-def steps_per_execution(requested, steps_per_epoch):
+def steps_per_execution(requested, steps_per_epoch, replicas=1):
     """Steps run per call into the compiled step: the largest divisor of the epoch up to `requested`.
 
     Keras runs an execution's steps back to back; one that crossed an epoch's end would read the
     next epoch's first batches, so the figure must divide the epoch. `"auto"` stands for the
-    device's figure in `AUTO_STEPS_PER_EXECUTION`.
+    device's figure in `AUTO_STEPS_PER_EXECUTION`. Across several replicas it is 1: Keras 3.15's
+    multi-step loop fails under MirroredStrategy (InvalidArgumentError in multi_step_on_iterator).
     """
+    if replicas > 1:
+        return 1
     limit = AUTO_STEPS_PER_EXECUTION[device_kind()] if requested == "auto" else int(requested)
     return max(d for d in range(1, min(limit, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
