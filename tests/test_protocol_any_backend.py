@@ -198,3 +198,71 @@ def tf_value(proto):
     import tensorflow as tf
 
     return tf.make_ndarray(proto)
+
+
+# The losses on this backend: value and gradient against a float64 double loop (the full suites of
+# test_losses.py and test_mcl_loss.py run on TensorFlow; these run on every backend, JAX included).
+
+
+def _log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return np.maximum(shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), np.log(1e-7))
+
+
+def _kcl_reference(labels, logits, fixed_log_t=None, margin=2.0):
+    log_p = _log_softmax64(logits)
+    log_t = log_p if fixed_log_t is None else fixed_log_t
+    n, total = len(labels), 0.0
+    for i in range(n):
+        for j in range(n):
+            kl = float(np.sum(np.exp(log_t[i]) * (log_t[i] - log_p[j])))
+            total += kl if labels[i] == labels[j] else max(0.0, margin - kl)
+    return total / n**2
+
+
+def _mcl_reference(labels, logits, _fixed=None):
+    p = np.exp(_log_softmax64(logits))
+    n, total = len(labels), 0.0
+    for i in range(n):
+        for j in range(n):
+            s = min(max(float(p[i] @ p[j]), 1e-7), 1 - 1e-7)
+            total -= np.log(s) if labels[i] == labels[j] else np.log(1 - s)
+    return total / n**2
+
+
+def _value_and_grad(fn, x):
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        value, grad = jax.value_and_grad(fn)(jax.numpy.asarray(x))
+        return float(value), np.asarray(grad)
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = fn(x)
+    return float(value), tape.gradient(value, x).numpy()
+
+
+@pytest.mark.parametrize("criterion", ["kcl", "mcl"])
+def test_pairwise_losses_match_a_float64_reference_on_this_backend(criterion):
+    from keras_cwsn.losses import pairwise_loss
+
+    rng = np.random.default_rng(1)
+    logits = (2 * rng.standard_normal((5, 4))).astype(np.float32)
+    labels = np.array([0, 1, 0, 2, 1], np.int32)
+    loss = pairwise_loss(criterion)
+    value, grad = _value_and_grad(lambda x: loss(keras.ops.convert_to_tensor(labels), x), logits)
+    reference = _kcl_reference if criterion == "kcl" else _mcl_reference
+    assert value == pytest.approx(reference(labels, logits), rel=1e-4)
+    fixed = _log_softmax64(logits)  # KCL's target side is held fixed (stop_gradient), as in the loss
+    expected = np.zeros((5, 4))
+    for idx in np.ndindex(5, 4):
+        plus, minus = logits.astype(np.float64), logits.astype(np.float64)
+        plus[idx] += 1e-5
+        minus[idx] -= 1e-5
+        expected[idx] = (reference(labels, plus, fixed) - reference(labels, minus, fixed)) / 2e-5
+    np.testing.assert_allclose(grad, expected, atol=2e-4)
