@@ -266,3 +266,13 @@ def test_pairwise_losses_match_a_float64_reference_on_this_backend(criterion):
         minus[idx] -= 1e-5
         expected[idx] = (reference(labels, plus, fixed) - reference(labels, minus, fixed)) / 2e-5
     np.testing.assert_allclose(grad, expected, atol=2e-4)
+
+
+def test_a_redirected_log_has_one_line_per_epoch(tmp_path, capfd):
+    """stdout that is not a terminal (nohup, CI, a file) gets Keras's verbose=2: no progress-bar redraws."""
+    args = [a for a in TINY if a != "--quiet"]
+    assert train.main(["--variant", "A", "--epochs", "1", *args, "--output-dir", str(tmp_path / "run")]) == 0
+    out = capfd.readouterr().out
+    assert "\r" not in out and "\x1b[" not in out
+    epoch_lines = [line for line in out.splitlines() if " - " in line and "epoch_seconds" in line]
+    assert len(epoch_lines) == 2, out  # one per epoch: the clustering epoch and the classification epoch
