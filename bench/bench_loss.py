@@ -31,9 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from keras import ops  # noqa: E402
 
-from loss_variants import MARGIN, floor_loss, mcl_loss, naive_loss, ours_loss  # noqa: E402
+from loss_variants import floor_loss, mcl_loss, naive_loss, ours_loss  # noqa: E402
 
 SIZES = ((128, 10), (1024, 34), (128, 4096), (1024, 4096))
 

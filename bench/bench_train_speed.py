@@ -89,7 +89,7 @@ def main(argv=None):
     p.add_argument("--pause-train-jobs", action="store_true",
                    help="SIGSTOP background `train.py --dataset cifar10` jobs while this runs (SIGCONT at the end)")
     args = p.parse_args(argv)
-    from bench_steps import PauseJobs
+    from pause import PauseJobs
 
     with PauseJobs("cifar10" if args.pause_train_jobs else None, max_seconds=7200):
         measure(args)

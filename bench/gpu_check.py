@@ -27,7 +27,6 @@ TensorFlow backend imports TensorFlow lazily. Data are random: this measures spe
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from keras import ops  # noqa: E402
 
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
 from keras_cwsn.training import recipe  # noqa: E402
-from loss_variants import MARGIN, floor_loss, naive_loss, ours_loss  # noqa: E402
+from loss_variants import floor_loss, naive_loss, ours_loss  # noqa: E402
 from keras_cwsn.models import build_model, variant_levels  # noqa: E402
 from timing import EpochTimer  # noqa: E402
 
