@@ -278,9 +278,15 @@ def _imports_tensorflow_at_top(path):
         return any(line.startswith(("import tensorflow", "from tensorflow")) for line in f)
 
 
+# Modules about what only TensorFlow has (tf.distribute, TFDS, the SavedModel, op determinism, the
+# TensorFlow CLI's subprocesses); their backend-neutral counterparts are in test_protocol_any_backend.py.
+TENSORFLOW_ONLY = {"test_bad_input.py", "test_birdsnap.py", "test_distribute.py", "test_evaluate_report.py",
+                   "test_resume.py", "test_reproducibility.py"}
+
+
 def pytest_ignore_collect(collection_path, config):
     from keras_cwsn.optional import tensorflow_available
 
     if collection_path.suffix == ".py" and collection_path.name.startswith("test_") and not tensorflow_available():
-        return _imports_tensorflow_at_top(collection_path) or None
+        return collection_path.name in TENSORFLOW_ONLY or _imports_tensorflow_at_top(collection_path) or None
     return None
