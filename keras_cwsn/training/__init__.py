@@ -6,6 +6,7 @@
 - `callbacks`: divergence stop, learning-rate schedule, epoch timer, resumable warm start.
 - `checkpoint`: per-epoch checkpoints that survive SIGKILL.
 - `resume`: whether and from where a run in an output folder goes on.
+- `workers`: what every worker agrees on (this process alone without tf.distribute).
 - `records`: config, provenance, projector and seed summaries written beside the figures.
 - `seeds`: derived seeds and each epoch's order.
 

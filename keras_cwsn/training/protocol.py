@@ -24,6 +24,7 @@ from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, build_model
 from keras_cwsn.optional import tensorflow_available
 from keras_cwsn.training import records
 from keras_cwsn.training import resume as resume_policy
+from keras_cwsn.training import workers
 from keras_cwsn.training.callbacks import EpochLearningRate, EpochTimer, ResumableWarmStart, StopOnNonFinite
 from keras_cwsn.training.checkpoint import Checkpoint
 from keras_cwsn.training.inputs import PREDICT_BATCH, load_run_data, steps_per_epoch, training_data
@@ -120,31 +121,11 @@ def _make_strategy(name):
     return distribute.make_strategy(name)
 
 
-def _replicas(ctx):
-    return ctx.strategy.num_replicas_in_sync if ctx.strategy is not None else 1
-
-
-def _agree(ctx, value):
-    if ctx.strategy is None:
-        return value
-    from keras_cwsn import distribute
-
-    return distribute.agree_min(ctx.strategy, value)
-
-
-def _num_workers(ctx):
-    if ctx.strategy is None:
-        return 1
-    from keras_cwsn import distribute
-
-    return distribute.num_workers(ctx.strategy)
-
-
 def cluster_phase(ctx):
     """Train the clusterer (or load the one a finished phase left), map clusters to classes on the training split."""
     config, data, out = ctx.config, ctx.data, ctx.output_dir
     done_path, clusterer_path = os.path.join(out, "cluster_result.json"), os.path.join(out, "clusterer.keras")
-    if _agree(ctx, int(os.path.exists(done_path) and os.path.exists(clusterer_path))):  # every worker agrees
+    if workers.agree_min(ctx.strategy, int(os.path.exists(done_path) and os.path.exists(clusterer_path))):  # every worker agrees
         with open(done_path) as f:
             cluster_result = json.load(f)
         ctx.say(f"[resume] cluster phase: finished before, loaded {clusterer_path}")
@@ -167,7 +148,7 @@ def cluster_phase(ctx):
     with records.writing("the clusterer", clusterer_path):
         records.save_keras_atomic(clusterer, clusterer_path)
         write_json_atomic(done_path, cluster_result)  # written last: marks the phase finished
-    if _num_workers(ctx) == 1:  # other workers may still need it to agree on a resume point
+    if workers.num_workers(ctx.strategy) == 1:  # other workers may still need it to agree on a resume point
         shutil.rmtree(os.path.join(out, "backup", "cluster"), ignore_errors=True)
     return clusterer, cluster_result
 
@@ -189,7 +170,7 @@ def classify_phase(ctx, clusterer, mapping):
 
 def _build(ctx, variant, settings, phase):
     """A freshly initialised, compiled model of `variant` for `phase` (seeded by the run and the phase)."""
-    replicas = _replicas(ctx)
+    replicas = workers.num_replicas(ctx.strategy)
     if settings["batch_size"] % replicas:
         raise RunError(f"The {phase} batch size {settings['batch_size']} can't be split evenly across {replicas} "
                        f"replicas: choose a multiple of {replicas}.")
@@ -296,7 +277,7 @@ def finish(ctx, results, timings):
     results.update(timings=timings, config=config, versions=records.versions(), git_commit=git["commit"],
                    git_dirty=git["dirty"], determinism={"seed": config["seed"], "op_determinism": True},
                    distribute=distributed, resumed=read_json(os.path.join(out, "resumes.json"), default=[]),
-                   xla=use_xla(config, _replicas(ctx)), backend=keras.backend.backend(),
+                   xla=use_xla(config, workers.num_replicas(ctx.strategy)), backend=keras.backend.backend(),
                    data={"train": records.data_summary(ctx.data.train),
                          "eval": records.data_summary(ctx.data.evaluation)},
                    class_names=list(ctx.info.fine_names))

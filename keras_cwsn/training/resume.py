@@ -16,6 +16,7 @@ import time
 from keras_cwsn.atomic import atomic_path, read_json, write_json_atomic
 from keras_cwsn.constants import PHASES
 from keras_cwsn.errors import RunError, one_line
+from keras_cwsn.training import workers
 from keras_cwsn.training.checkpoint import Checkpoint
 
 # Settings that may differ when an unfinished run is resumed (e.g. a lower learning rate after a
@@ -24,14 +25,6 @@ RESUMABLE_CHANGES = ("strategy", "xla", "steps_per_execution", "metrics_every", 
                      "data_dir", "schedule_scale", "cluster.epochs", "cluster.learning_rate", "cluster.lr_milestones",
                      "cluster.lr_factor", "classify.epochs", "classify.learning_rate", "classify.lr_milestones",
                      "classify.lr_factor")
-
-
-def _agree_min(strategy, value):
-    if strategy is None:  # no tf.distribute (JAX, or one device): this process decides alone
-        return value
-    from keras_cwsn import distribute
-
-    return distribute.agree_min(strategy, value)
 
 
 def _flatten(mapping, prefix=""):
@@ -107,7 +100,7 @@ def read_resume_epoch(backup_dir, strategy):
     """Epochs completed by the phase's last checkpoint (0 if none), agreed on by every worker."""
     meta = Checkpoint.read(backup_dir)
     epoch = int(meta["epoch"]) if meta else 0
-    agreed = _agree_min(strategy, epoch)
+    agreed = workers.agree_min(strategy, epoch)
     if agreed and "checkpoints" not in meta:  # e.g. plain BackupAndRestore's {"epoch", "batch"} of early versions
         raise RunError(f"Cannot resume from epoch {agreed}: {os.path.join(backup_dir, Checkpoint.METADATA)} is in a "
                        f"format this version does not read (no 'checkpoints' entry; written by an older keras-cwsn?); "
