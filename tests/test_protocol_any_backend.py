@@ -122,6 +122,49 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path, monkeypatch):
     assert [event["phase"] for event in resumed["resumed"]] == ["classify"]
 
 
+def test_sigkill_during_clustering_resumes_to_the_same_figures(tmp_path):
+    """A run killed with SIGKILL (no handler runs) goes on from its last checkpoint to an uninterrupted run's figures."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, subprocess_env
+
+    env = subprocess_env(tmp_path / "cache", KERAS_BACKEND=keras.backend.backend())
+
+    def command(out):
+        return [sys.executable, os.path.join(ROOT, "train.py"), "--variant", "D", "--cluster-epochs", "3",
+                "--classify-epochs", "1", "--seed", "4", *TINY, "--output-dir", str(out)]
+
+    reference = subprocess.Popen(command(tmp_path / "reference"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    killed = tmp_path / "killed"
+    victim = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metadata = killed / "backup" / "cluster" / "training_metadata.json"
+    deadline = time.time() + 300
+    while not metadata.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved_epoch = json.loads(metadata.read_text())["epoch"]
+    assert 1 <= saved_epoch < 3 and not (killed / "metrics.json").exists()
+
+    restarted = subprocess.run(command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+    resumed, uninterrupted = _figures(killed), _figures(tmp_path / "reference")
+    for key in ("cluster_accuracy", "nmi", "purity", "classification_accuracy"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-6), key
+    assert resumed["resumed"][0] == {**resumed["resumed"][0], "phase": "cluster", "from_epoch": saved_epoch}
+    rows, reference_rows = _history(killed / "cluster_history.csv"), _history(tmp_path / "reference" / "cluster_history.csv")
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in reference_rows] == ["0", "1", "2"]
+    for row, ref in zip(rows, reference_rows):
+        assert float(row["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-4)
+    assert not (killed / "backup").exists(), "checkpoints are removed once the run is finished"
+
+
 def test_broken_images_are_skipped_and_counted(tmp_path):
     make_cifar_tree(str(tmp_path / "data"), per_class=3, splits=("train", "test"))
     (tmp_path / "data" / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
