@@ -3,18 +3,22 @@
 Everything the test files used to repeat lives here once:
 - `ROOT` (the repository) is on `sys.path`, so `import train` works from any working directory;
 - `subprocess_env(...)`: the environment of a child Python process (quiet TensorFlow, this checkout
-  importable, a private cache);
+  importable, a private cache); `child_results(code, ...)`: run a child script, read the JSON it prints;
+  `TWO_CPU_REPLICAS`: the start of a child script that needs 2 tf.distribute replicas on the CPU;
 - `tiny_clusterer`, `random_images`, `softmax`, the `float32_policy` fixture;
 - `make_cifar_tree`, `write_image`, `tiny_config`: small datasets and configs;
 - `yuv_reference`, `uv_stats_reference`, `imagenet_reference`: the preprocessing written out in
   NumPy float64 from the published coefficients, never by calling the code under test;
 - `protocol_run`: one tiny run of the whole protocol (train.py, variant D) for the session, shared by
   test_export.py and test_train_e2e.py, with the in-memory classifier and the warm start's inputs captured.
+(The pairwise-loss tests share theirs in loss_helpers.py.)
 """
 
 import json
 import os
+import subprocess
 import sys
+import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -54,6 +58,35 @@ def subprocess_env(cache_dir=None, **extra):
         env["KERAS_CWSN_CACHE"] = str(cache_dir)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def child_results(code, *args, stdin="", cache_dir=None, timeout=300, **env):
+    """Run `python -c code *args` in the checkout (environment: `subprocess_env(cache_dir, **env)`) and return
+    the JSON its last `RESULTS <json>` line of stdout holds; fail with the end of its stderr if it failed or
+    printed none."""
+    done = subprocess.run([sys.executable, "-c", code, *args], input=stdin, cwd=ROOT,
+                          env=subprocess_env(cache_dir, **env), capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert done.returncode == 0 and lines, done.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+# The start of a child script that needs 2 tf.distribute replicas on the CPU: TensorFlow must split the
+# CPU into 2 logical devices before it initialises, hence a fresh process (see `child_results`). It
+# imports TensorFlow as `tf` and defines `per_replica(strategy, array)`, which hands replica r the r-th
+# half of a global batch, as fit's dataset distribution does.
+TWO_CPU_REPLICAS = textwrap.dedent('''
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+    def per_replica(strategy, array):
+        half = len(array) // 2
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * half:][:half]))
+''')
 
 
 def error_line(capsys):

@@ -1,7 +1,8 @@
 """tf.distribute: a step on 2 replicas equals a step on one device with the whole global batch.
 
 TensorFlow must be told to split the CPU into 2 logical devices before it initialises, so the
-checks run in one subprocess (`_CHECKS`) that prints its findings as JSON; the tests read them.
+checks run in one subprocess (`_CHECKS`, which starts with conftest's `TWO_CPU_REPLICAS`) that prints
+its findings as JSON; the tests read them.
 """
 
 import json
@@ -11,19 +12,15 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, TWO_CPU_REPLICAS, child_results, subprocess_env
 
 # The protocol runs' settings, shared by the in-process mirrored run and the two-worker run, so that
 # both compare with the same single-device run.
 RUN_ARGS = ["--epochs", "1", "--batch-size", "32", "--set", "synthetic.train_size=128",
             "--set", "synthetic.eval_size=40", "--set", "embedding_sample=0", "--quiet", "--variant", "A"]
 
-_CHECKS = textwrap.dedent('''
+_CHECKS = TWO_CPU_REPLICAS + textwrap.dedent('''
     import json, os, sys
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import numpy as np
 
@@ -36,12 +33,6 @@ _CHECKS = textwrap.dedent('''
     mirrored = distribute.make_strategy("mirrored")
     out["replicas"] = mirrored.num_replicas_in_sync
     out["auto"] = type(distribute.make_strategy("auto")).__name__
-
-    def per_replica(array):
-        """Replica r gets the r-th half of the global batch, as fit's dataset distribution does."""
-        half = len(array) // 2
-        return mirrored.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * half:][:half]))
 
     # 1. The gathered loss (and its gradient) equals the single-device loss over the whole batch.
     rng = np.random.default_rng(0)
@@ -64,7 +55,7 @@ _CHECKS = textwrap.dedent('''
             return value, tape.gradient(value, y_pred), local_only
         return mirrored.run(step, args=(y_true, y_pred))
 
-    value, grad, local_only = replica_step(per_replica(labels), per_replica(logits))
+    value, grad, local_only = replica_step(per_replica(mirrored, labels), per_replica(mirrored, logits))
     out["loss_single"] = float(single)
     out["loss_mirrored"] = float(mirrored.reduce("SUM", value, axis=None))  # what the optimizer minimises
     out["loss_per_replica_only"] = float(mirrored.reduce("MEAN", local_only, axis=None))
@@ -80,7 +71,7 @@ _CHECKS = textwrap.dedent('''
     def summed_step(y_true, y_pred):
         return mirrored.run(lambda y, p: summed(y, p), args=(y_true, y_pred))
 
-    sum_value = summed_step(per_replica(labels), per_replica(logits))
+    sum_value = summed_step(per_replica(mirrored, labels), per_replica(mirrored, logits))
     out["sum_single"] = single_sum
     out["sum_mirrored"] = float(mirrored.reduce("SUM", sum_value, axis=None))
 
@@ -137,11 +128,7 @@ _CHECKS = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distribute")
-    done = subprocess.run([sys.executable, "-c", _CHECKS, str(tmp), json.dumps(RUN_ARGS)], cwd=ROOT,
-                          env=subprocess_env(tmp / "cache"), capture_output=True, text=True, timeout=900)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert done.returncode == 0 and lines, done.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return child_results(_CHECKS, str(tmp), json.dumps(RUN_ARGS), cache_dir=tmp / "cache", timeout=900)
 
 
 def test_two_logical_devices_make_two_replicas(results):

@@ -17,6 +17,17 @@ from keras_cwsn.losses import (  # noqa: E402
     pairwise_kl_loss,
     pairwise_similarity,
 )
+from loss_helpers import (  # noqa: E402
+    RUNNERS,
+    K,
+    N,
+    central_differences,
+    loss_and_grad,
+    make_inputs,
+    tensorflow_backend_only,
+    tf_graph_ranks,
+    to_numpy,
+)
 
 LOG_EPS = math.log(EPSILON)
 MARGIN = 2.0
@@ -72,17 +83,8 @@ def ref_loss(y_true, y_pred, margin=MARGIN, from_logits=True, target_log_p=None)
 
 def ref_grad(y_true, y_pred, margin=MARGIN, from_logits=True, h=1e-6):
     """Central finite differences (float64) of ref_loss w.r.t. y_pred, the target side T held fixed."""
-    x = np.asarray(y_pred, dtype=np.float64)
-    fixed = ref_log_p(x, from_logits)
-    grad = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        step = h * max(1.0, abs(x[idx]))
-        plus, minus = x.copy(), x.copy()
-        plus[idx] += step
-        minus[idx] -= step
-        grad[idx] = (ref_loss(y_true, plus, margin, from_logits, fixed)
-                     - ref_loss(y_true, minus, margin, from_logits, fixed)) / (2 * step)
-    return grad
+    fixed = ref_log_p(y_pred, from_logits)
+    return central_differences(lambda x: ref_loss(y_true, x, margin, from_logits, fixed), y_pred, h)
 
 
 def naive_kl(y_pred, from_logits=True):
@@ -93,59 +95,8 @@ def naive_kl(y_pred, from_logits=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs
+# The losses under test (inputs, gradients and runners: loss_helpers.py)
 # ---------------------------------------------------------------------------------------------
-
-N, K = 6, 5
-
-
-def make_inputs(form, from_logits, seed=0, n=N, k=K, num_classes=3, scale=2.0):
-    rng = np.random.default_rng(seed)
-    logits = (scale * rng.standard_normal((n, k))).astype(np.float32)
-    y_pred = logits if from_logits else _softmax(logits).astype(np.float32)
-    labels = rng.integers(0, num_classes, size=n)
-    if form == "labels":
-        return labels.astype(np.int32), y_pred
-    constraints = (labels[:, None] == labels[None, :]).astype(np.float32)
-    unknown = rng.random((n, n)) < 0.3
-    constraints[unknown] = -1.0
-    assert (constraints == -1).any() and (constraints == 0).any() and (constraints == 1).any()
-    return constraints, y_pred
-
-
-def _softmax(x):
-    return softmax(x)
-
-
-def loss_and_grad(loss_fn, y_true, y_pred):
-    """(value, d value / d y_pred) on the active backend (TensorFlow's tape or jax.value_and_grad)."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        y_true = jax.numpy.asarray(y_true)
-        return jax.value_and_grad(lambda x: loss_fn(y_true, x))(jax.numpy.asarray(y_pred))
-    import tensorflow as tf
-
-    x = tf.convert_to_tensor(y_pred)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        value = loss_fn(tf.convert_to_tensor(y_true), x)
-    return value, tape.gradient(value, x)
-
-
-def to_numpy(x):
-    return keras.ops.convert_to_numpy(x)
-
-
-def xla(fn):
-    """`fn` compiled with XLA on the active backend."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.jit(fn)
-    import tensorflow as tf
-
-    return tf.function(fn, jit_compile=True)
 
 
 def class_loss(margin=MARGIN, from_logits=True):
@@ -155,12 +106,6 @@ def class_loss(margin=MARGIN, from_logits=True):
 
 def function_loss(margin=MARGIN, from_logits=True):
     return lambda y_true, y_pred: keras.ops.mean(pairwise_kl_loss(y_true, y_pred, margin, from_logits))
-
-
-RUNNERS = {
-    "eager": lambda fn: fn,
-    "xla": xla,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,23 +191,10 @@ def test_pairwise_kl_divergence_equals_naive_all_pairs_formula(from_logits):
     np.testing.assert_allclose(np.diag(kl), 0.0, atol=1e-5)
 
 
+@tensorflow_backend_only("inspects a tf.function graph")
 def test_graph_has_no_rank_3_tensor():
     """Forward and backward graph of the loss: every intermediate is at most 2-D (no N x N x K)."""
-    tf = pytest.importorskip("tensorflow")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("inspects a TensorFlow graph")
-    loss = PairwiseKLLoss()
-
-    @tf.function
-    def fwd_bwd(y_true, y_pred):
-        with tf.GradientTape() as tape:
-            tape.watch(y_pred)
-            value = loss(y_true, y_pred)
-        return value, tape.gradient(value, y_pred)
-
-    graph = fwd_bwd.get_concrete_function(
-        tf.TensorSpec((16,), tf.int32), tf.TensorSpec((16, 11), tf.float32)).graph
-    ranks = {out.shape.rank for op in graph.get_operations() for out in op.outputs if out.shape.rank is not None}
+    ranks = tf_graph_ranks(PairwiseKLLoss())
     assert ranks and max(ranks) <= 2, ranks
 
 
@@ -315,7 +247,7 @@ def test_extreme_logits_stay_finite(form, runner):
     assert np.isfinite(float(value)) and np.all(np.isfinite(to_numpy(grad)))
     np.testing.assert_allclose(float(value), ref_loss(y_true, y_pred), rtol=1e-4)
     # Softmax probabilities at exactly 0 and 1 (from_logits=False) are clamped too.
-    probs = _softmax(y_pred.astype(np.float64)).astype(np.float32)
+    probs = softmax(y_pred.astype(np.float64)).astype(np.float32)
     value, grad = loss_and_grad(class_loss(from_logits=False), y_true, probs)
     assert np.isfinite(float(value)) and np.all(np.isfinite(to_numpy(grad)))
 
@@ -388,7 +320,7 @@ def test_compiled_xla_training_matches_reference(form, from_logits, float32_poli
     model.compile(optimizer=keras.optimizers.SGD(lr), jit_compile=True,
                   loss={"fine_fc3": PairwiseKLLoss(from_logits=from_logits)})
     logits = (x @ kernel).astype(np.float64)
-    y_pred = logits if from_logits else _softmax(logits)
+    y_pred = logits if from_logits else softmax(logits)
     logs = model.train_on_batch(x, {"fine_fc3": y_true}, return_dict=True)
     np.testing.assert_allclose(logs["loss"], ref_loss(y_true, y_pred, from_logits=from_logits), rtol=1e-4)
     grad_pred = ref_grad(y_true, y_pred, from_logits=from_logits)

@@ -1,10 +1,12 @@
 """Tests for PairwiseMCLLoss (keras_cwsn.losses): values and gradients against a float64 NumPy double loop,
-the criterion factory and the config's `criterion` key."""
+the criterion factory and the config's `criterion` key.
+
+On the active Keras backend (TensorFlow, or JAX where TensorFlow is not installed), through loss_helpers.py
+as test_losses.py does; the TensorFlow graph inspection and the tf.distribute replicas are skipped elsewhere.
+"""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -12,9 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from conftest import ROOT, subprocess_env, tiny_clusterer  # noqa: E402
+from conftest import TWO_CPU_REPLICAS, child_results, tiny_clusterer  # noqa: E402
 from keras_cwsn.config import ConfigError, load_config, set_value, validate  # noqa: E402
 from keras_cwsn.constants import CRITERIA  # noqa: E402
 from keras_cwsn.losses import (  # noqa: E402
@@ -25,6 +26,17 @@ from keras_cwsn.losses import (  # noqa: E402
     pairwise_loss,
     pairwise_mcl_loss,
     pairwise_same_cluster_probability,
+)
+from loss_helpers import (  # noqa: E402
+    RUNNERS,
+    K,
+    N,
+    central_differences,
+    loss_and_grad,
+    make_inputs,
+    tensorflow_backend_only,
+    tf_graph_ranks,
+    to_numpy,
 )
 
 # The clamp's upper end as float32 holds it (1 - 1e-7 rounds to 1 - 2**-23 * 1.0).
@@ -68,43 +80,12 @@ def ref_loss(y_true, y_pred, from_logits=True):
 
 def ref_grad(y_true, y_pred, from_logits=True, h=1e-6):
     """Central finite differences (float64) of ref_loss w.r.t. y_pred (both sides of each pair move)."""
-    x = np.asarray(y_pred, dtype=np.float64)
-    grad = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        step = h * max(1.0, abs(x[idx]))
-        plus, minus = x.copy(), x.copy()
-        plus[idx] += step
-        minus[idx] -= step
-        grad[idx] = (ref_loss(y_true, plus, from_logits) - ref_loss(y_true, minus, from_logits)) / (2 * step)
-    return grad
+    return central_differences(lambda x: ref_loss(y_true, x, from_logits), y_pred, h)
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs and runners
+# The losses under test (inputs, gradients and runners: loss_helpers.py)
 # ---------------------------------------------------------------------------------------------
-
-N, K = 6, 5
-
-
-def make_inputs(form, from_logits, seed=0, n=N, k=K, num_classes=3, scale=2.0):
-    rng = np.random.default_rng(seed)
-    logits = (scale * rng.standard_normal((n, k))).astype(np.float32)
-    y_pred = logits if from_logits else ref_probs(logits, True).astype(np.float32)
-    labels = rng.integers(0, num_classes, size=n)
-    if form == "labels":
-        return labels.astype(np.int32), y_pred
-    constraints = (labels[:, None] == labels[None, :]).astype(np.float32)
-    constraints[rng.random((n, n)) < 0.3] = -1.0
-    assert (constraints == -1).any() and (constraints == 0).any() and (constraints == 1).any()
-    return constraints, y_pred
-
-
-def loss_and_grad(loss_fn, y_true, y_pred):
-    x = tf.convert_to_tensor(y_pred)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        value = loss_fn(tf.convert_to_tensor(y_true), x)
-    return value, tape.gradient(value, x)
 
 
 def class_loss(from_logits=True, **kwargs):
@@ -113,13 +94,7 @@ def class_loss(from_logits=True, **kwargs):
 
 
 def function_loss(from_logits=True):
-    return lambda y_true, y_pred: tf.reduce_mean(pairwise_mcl_loss(y_true, y_pred, from_logits))
-
-
-RUNNERS = {
-    "eager": lambda fn: fn,
-    "xla": lambda fn: tf.function(fn, jit_compile=True),
-}
+    return lambda y_true, y_pred: keras.ops.mean(pairwise_mcl_loss(y_true, y_pred, from_logits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,12 +115,12 @@ def test_value_and_gradient_match_reference(api, form, from_logits, runner):
     value, grad = run(y_true, y_pred)
     assert expected > 0.1 and np.abs(expected_grad).max() > 1e-3  # a meaningful case
     np.testing.assert_allclose(float(value), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(to_numpy(grad), expected_grad, rtol=1e-3, atol=2e-6)
 
 
 def test_same_cluster_probability_is_the_inner_product_of_softmaxes():
     _, y_pred = make_inputs("labels", True, seed=1, n=7, k=4)
-    s = pairwise_same_cluster_probability(y_pred).numpy()
+    s = to_numpy(pairwise_same_cluster_probability(y_pred))
     p = ref_probs(y_pred, True)
     np.testing.assert_allclose(s, np.einsum("ik,jk->ij", p, p), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(s, s.T, rtol=1e-6)
@@ -154,7 +129,7 @@ def test_same_cluster_probability_is_the_inner_product_of_softmaxes():
 
 def test_per_anchor_values_average_to_pair_mean_and_respect_sample_weight():
     y_true, y_pred = make_inputs("constraints", True, seed=4)
-    per_anchor = pairwise_mcl_loss(y_true, y_pred).numpy()
+    per_anchor = to_numpy(pairwise_mcl_loss(y_true, y_pred))
     assert per_anchor.shape == (N,)
     np.testing.assert_allclose(per_anchor.mean(), ref_loss(y_true, y_pred), rtol=1e-5)
     weights = np.arange(N, dtype=np.float32)
@@ -205,7 +180,7 @@ def test_all_unknown_constraints_give_zero_not_nan():
     for runner in RUNNERS.values():
         value, grad = runner(lambda yt, yp: loss_and_grad(class_loss(), yt, yp))(-np.ones((N, N), np.float32), y_pred)
         assert float(value) == 0.0
-        assert np.all(grad.numpy() == 0.0)
+        assert np.all(to_numpy(grad) == 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +197,8 @@ def test_single_example(form, runner):
     value, grad = RUNNERS[runner](lambda yt, yp: loss_and_grad(class_loss(), yt, yp))(y_true, y_pred)
     p = ref_probs(y_pred, True)[0]
     assert float(value) == pytest.approx(-np.log(np.dot(p, p)), rel=1e-5)
-    assert grad.shape == (1, 3) and np.all(np.isfinite(grad.numpy()))
-    np.testing.assert_allclose(grad.numpy(), ref_grad(y_true, y_pred), rtol=1e-3, atol=2e-6)
+    assert grad.shape == (1, 3) and np.all(np.isfinite(to_numpy(grad)))
+    np.testing.assert_allclose(to_numpy(grad), ref_grad(y_true, y_pred), rtol=1e-3, atol=2e-6)
 
 
 def test_batch_with_one_label():
@@ -233,7 +208,7 @@ def test_batch_with_one_label():
     value, grad = loss_and_grad(class_loss(), y_true, y_pred)
     p = ref_probs(y_pred, True)
     np.testing.assert_allclose(float(value), np.mean(-np.log(p @ p.T)), rtol=1e-5)
-    np.testing.assert_allclose(grad.numpy(), ref_grad(y_true, y_pred), rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(to_numpy(grad), ref_grad(y_true, y_pred), rtol=1e-3, atol=2e-6)
 
 
 def test_all_labels_different_and_identical_predictions():
@@ -241,7 +216,7 @@ def test_all_labels_different_and_identical_predictions():
     y_true = np.arange(N, dtype=np.int32)
     value, grad = loss_and_grad(class_loss(), y_true, y_pred)
     np.testing.assert_allclose(float(value), ref_loss(y_true, y_pred), rtol=1e-5)
-    np.testing.assert_allclose(grad.numpy(), ref_grad(y_true, y_pred), rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(to_numpy(grad), ref_grad(y_true, y_pred), rtol=1e-3, atol=2e-6)
     # Uniform predictions: s = 1/K for every pair; N diagonal pairs similar, N^2 - N dissimilar.
     uniform = np.zeros((N, K), np.float32)
     expected = (N * -np.log(1.0 / K) + (N * N - N) * -np.log(1.0 - 1.0 / K)) / (N * N)
@@ -257,13 +232,13 @@ def test_extreme_logits_stay_finite(form, runner):
     y_pred[0] = 1e4  # a row saturated everywhere
     y_pred[1] = -1e4
     value, grad = RUNNERS[runner](lambda yt, yp: loss_and_grad(class_loss(), yt, yp))(y_true, y_pred)
-    assert np.isfinite(float(value)) and np.all(np.isfinite(grad.numpy()))
+    assert np.isfinite(float(value)) and np.all(np.isfinite(to_numpy(grad)))
     np.testing.assert_allclose(float(value), ref_loss(y_true, y_pred), rtol=1e-4)
     assert float(value) <= -np.log(EPSILON) + 1e-3  # the clamp bounds every pair's term
     # One-hot probabilities (from_logits=False): s exactly 0 or 1, clamped too.
     probs = np.eye(K, dtype=np.float32)[rng.integers(0, K, size=N)]
     value, grad = loss_and_grad(class_loss(from_logits=False), y_true, probs)
-    assert np.isfinite(float(value)) and np.all(np.isfinite(grad.numpy()))
+    assert np.isfinite(float(value)) and np.all(np.isfinite(to_numpy(grad)))
     np.testing.assert_allclose(float(value), ref_loss(y_true, probs, from_logits=False), rtol=1e-4)
 
 
@@ -272,19 +247,20 @@ def test_extreme_logits_stay_finite(form, runner):
 @pytest.mark.parametrize("form", ["labels", "constraints"])
 def test_low_precision_inputs_are_computed_in_float32(dtype, from_logits, form):
     y_true, y_pred = make_inputs(form, from_logits, seed=12)
-    low = tf.cast(y_pred, dtype)
-    rounded = tf.cast(low, "float32").numpy()
+    low = keras.ops.cast(y_pred, dtype)
+    rounded = to_numpy(keras.ops.cast(low, "float32"))  # the float32 values the low-precision input holds
     loss = function_loss(from_logits)
     for runner in RUNNERS.values():
         value, grad = runner(lambda yt, yp: loss_and_grad(loss, yt, yp))(y_true, low)
-        assert value.dtype == tf.float32 and grad.dtype == low.dtype
-        assert np.isfinite(float(value)) and np.all(np.isfinite(tf.cast(grad, "float32").numpy()))
+        assert keras.backend.standardize_dtype(value.dtype) == "float32"
+        assert keras.backend.standardize_dtype(grad.dtype) == dtype
+        assert np.isfinite(float(value)) and np.all(np.isfinite(to_numpy(keras.ops.cast(grad, "float32"))))
         np.testing.assert_allclose(float(value), ref_loss(y_true, rounded, from_logits), rtol=1e-4)
         np.testing.assert_allclose(float(value), ref_loss(y_true, y_pred, from_logits), rtol=0.05, atol=0.02)
     if from_logits:
-        extreme = tf.cast(np.where(y_pred > 0, 1e4, -1e4), dtype)
+        extreme = keras.ops.cast(np.where(y_pred > 0, 1e4, -1e4), dtype)
         value, grad = loss_and_grad(loss, y_true, extreme)
-        assert np.isfinite(float(value)) and np.all(np.isfinite(tf.cast(grad, "float32").numpy()))
+        assert np.isfinite(float(value)) and np.all(np.isfinite(to_numpy(keras.ops.cast(grad, "float32"))))
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -296,12 +272,12 @@ def test_mixed_precision_model_trains_without_nan(policy, float32_policy):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 6)).astype(np.float32)
     y = {"fine_fc3": rng.integers(0, 3, size=8)}
-    before = [w.numpy().copy() for w in model.trainable_weights]
+    before = [to_numpy(w).copy() for w in model.trainable_weights]
     for _ in range(2):
         logs = model.train_on_batch(x, y, return_dict=True)
         assert np.isfinite(logs["loss"]) and logs["loss"] > 0
-    assert all(np.all(np.isfinite(w.numpy())) for w in model.trainable_weights)
-    assert any(not np.allclose(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+    assert all(np.all(np.isfinite(to_numpy(w))) for w in model.trainable_weights)
+    assert any(not np.allclose(b, to_numpy(w)) for b, w in zip(before, model.trainable_weights))
 
 
 @pytest.mark.parametrize("form", ["labels", "constraints"])
@@ -325,33 +301,24 @@ def test_compiled_xla_training_matches_reference(form, float32_policy):
     np.testing.assert_allclose(dense.get_weights()[0], expected_kernel, rtol=1e-4, atol=1e-5)
 
 
+@tensorflow_backend_only("inspects a tf.function graph")
 def test_graph_has_no_rank_3_tensor():
-    loss = PairwiseMCLLoss()
-
-    @tf.function
-    def fwd_bwd(y_true, y_pred):
-        with tf.GradientTape() as tape:
-            tape.watch(y_pred)
-            value = loss(y_true, y_pred)
-        return value, tape.gradient(value, y_pred)
-
-    graph = fwd_bwd.get_concrete_function(tf.TensorSpec((16,), tf.int32), tf.TensorSpec((16, 11), tf.float32)).graph
-    ranks = {out.shape.rank for op in graph.get_operations() for out in op.outputs if out.shape.rank is not None}
+    """Forward and backward graph of the loss: every intermediate is at most 2-D (no N x N x K)."""
+    ranks = tf_graph_ranks(PairwiseMCLLoss())
     assert ranks and max(ranks) <= 2, ranks
 
 
 def test_mcl_learns_the_pairs():
     """A few SGD steps on the MCL loss raise s on similar pairs and lower it on dissimilar ones."""
     y_true, y_pred = make_inputs("labels", True, seed=14, n=12, k=4, num_classes=3, scale=0.1)
-    x = tf.Variable(y_pred)
+    x = y_pred
     loss = PairwiseMCLLoss()
     first = float(loss(y_true, x))
     for _ in range(100):
-        with tf.GradientTape() as tape:
-            value = loss(y_true, x)
-        x.assign_sub(5.0 * tape.gradient(value, x))
+        _, grad = loss_and_grad(loss, y_true, x)
+        x = x - 5.0 * to_numpy(grad)
     assert float(loss(y_true, x)) < 0.1 * first
-    s = pairwise_same_cluster_probability(x).numpy()
+    s = to_numpy(pairwise_same_cluster_probability(x))
     same = y_true[:, None] == y_true[None, :]
     assert s[same].mean() > 0.9 and s[~same].mean() < 0.05
 
@@ -447,11 +414,8 @@ _JAX = textwrap.dedent('''
                                    np.asarray(jit_grad).tolist()]))
 ''')
 
-_MIRRORED = textwrap.dedent('''
+_MIRRORED = TWO_CPU_REPLICAS + textwrap.dedent('''
     import json
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import numpy as np
     from keras_cwsn.losses import PairwiseMCLLoss
 
@@ -459,10 +423,6 @@ _MIRRORED = textwrap.dedent('''
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((8, 5)).astype("float32")
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1], "float32")  # each replica alone would see one class only
-
-    def per_replica(array):
-        return mirrored.experimental_distribute_values_from_function(
-            lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * 4:][:4]))
 
     out = {}
     for reduction in ("sum_over_batch_size", "sum"):
@@ -482,7 +442,7 @@ _MIRRORED = textwrap.dedent('''
                 return value, tape.gradient(value, y_pred)
             return mirrored.run(step, args=(y_true, y_pred))
 
-        value, grad = replica_step(per_replica(labels), per_replica(logits))
+        value, grad = replica_step(per_replica(mirrored, labels), per_replica(mirrored, logits))
         total = float(mirrored.reduce("SUM", value, axis=None))
         grads = np.concatenate([g.numpy() for g in mirrored.experimental_local_results(grad)])
         out[reduction] = [float(single), total, float(np.abs(grads - single_grad).max()),
@@ -491,30 +451,24 @@ _MIRRORED = textwrap.dedent('''
 ''')
 
 
-def _run_script(code, stdin="", env=None):
-    env = subprocess_env(**(env or {}))
-    done = subprocess.run([sys.executable, "-c", code], input=stdin, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert done.returncode == 0 and lines, done.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULTS "):])
-
-
 def test_jax_backend_value_and_gradient_match_reference():
+    """The loss on JAX (value and gradient, eager and jit) from any environment that has JAX: in the
+    TensorFlow one, whose tests above run on TensorFlow, this is where JAX is checked."""
     pytest.importorskip("jax")
     y_true, y_pred = make_inputs("labels", True, seed=17)
-    value, grad, jit_value, jit_grad = _run_script(_JAX, json.dumps([y_true.tolist(), y_pred.tolist()]))
+    value, grad, jit_value, jit_grad = child_results(_JAX, stdin=json.dumps([y_true.tolist(), y_pred.tolist()]))
     expected_grad = ref_grad(y_true, y_pred)
     for v, g in ((value, grad), (jit_value, jit_grad)):
         assert v == pytest.approx(ref_loss(y_true, y_pred), rel=1e-5)
         np.testing.assert_allclose(np.array(g), expected_grad, rtol=1e-3, atol=2e-6)
 
 
+@tensorflow_backend_only("tf.distribute MirroredStrategy replicas")
 def test_two_replicas_see_the_global_batch():
     """Under MirroredStrategy the loss all-gathers the replicas' slices (as PairwiseKLLoss does): the loss the
     optimizer minimises and the per-example gradients equal one device's on the whole batch, for both the
     default reduction (scaled by 1 / replicas, as fit does) and reduction="sum" (scaled inside the loss)."""
-    results = _run_script(_MIRRORED)
+    results = child_results(_MIRRORED)
     for reduction, (single, mirrored, grad_diff, grad_max) in results.items():
         assert mirrored == pytest.approx(single, rel=1e-6), reduction
         assert grad_diff <= 1e-6 * max(1.0, grad_max), reduction
