@@ -12,6 +12,12 @@ Everything the test files used to repeat lives here once:
 - `protocol_run`: one tiny run of the whole protocol (train.py, variant D) for the session, shared by
   test_export.py and test_train_e2e.py, with the in-memory classifier and the warm start's inputs captured.
 (The pairwise-loss tests share theirs in loss_helpers.py.)
+
+Backends: the modules about what only TensorFlow has (tf.distribute, TFDS, the SavedModel, op determinism,
+the TensorFlow command line's subprocesses) begin with `pytest.importorskip("tensorflow", reason=...)`, so
+where TensorFlow is not installed (the JAX environment of requirements-jax.txt) pytest reports them as
+skipped, with the reason; their backend-neutral counterparts are in test_protocol_any_backend.py. Every
+other module runs on the active Keras backend.
 """
 
 import json
@@ -298,28 +304,3 @@ def protocol_run(tmp_path_factory):
         metrics = json.load(f)
     return dict(captured, dir=out, model_dir=os.path.join(out, "classifier"), metrics=metrics,
                 config=metrics["config"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends: where TensorFlow is not installed (the JAX environment of requirements-jax.txt), the
-# modules that need it are not collected; everything else runs on the active Keras backend.
-# ---------------------------------------------------------------------------------------------
-
-
-def _imports_tensorflow_at_top(path):
-    with open(path, encoding="utf-8") as f:
-        return any(line.startswith(("import tensorflow", "from tensorflow")) for line in f)
-
-
-# Modules about what only TensorFlow has (tf.distribute, TFDS, the SavedModel, op determinism, the
-# TensorFlow CLI's subprocesses); their backend-neutral counterparts are in test_protocol_any_backend.py.
-TENSORFLOW_ONLY = {"test_bad_input.py", "test_birdsnap.py", "test_distribute.py", "test_evaluate_report.py",
-                   "test_resume.py", "test_reproducibility.py"}
-
-
-def pytest_ignore_collect(collection_path, config):
-    from keras_cwsn.optional import tensorflow_available
-
-    if collection_path.suffix == ".py" and collection_path.name.startswith("test_") and not tensorflow_available():
-        return collection_path.name in TENSORFLOW_ONLY or _imports_tensorflow_at_top(collection_path) or None
-    return None

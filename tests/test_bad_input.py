@@ -17,9 +17,12 @@ import sys
 import numpy as np
 import pytest
 
-import train
-from conftest import CIFAR10_CLASSES, ROOT, error_line, subprocess_env
-from keras_cwsn.training import callbacks as training_callbacks
+pytest.importorskip("tensorflow", reason="TensorFlow only: train.py's handling of bad input (TensorFlow data "
+                    "pipeline, checkpoints, command line); test_protocol_any_backend.py runs on any backend")
+
+import train  # noqa: E402
+from conftest import CIFAR10_CLASSES, ROOT, error_line, subprocess_env  # noqa: E402
+from keras_cwsn.training import callbacks as training_callbacks  # noqa: E402
 
 SYNTHETIC = ["--epochs", "1", "--batch-size", "32", "--set", "synthetic.train_size=96", "--set",
              "synthetic.eval_size=32", "--set", "embedding_sample=0", "--quiet", "--variant", "A"]

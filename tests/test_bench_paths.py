@@ -18,7 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+tf = pytest.importorskip("tensorflow", reason="TensorFlow only: the benchmarks' TensorFlow paths (XLA, tf.data)")
 
 from conftest import ROOT as CHECKOUT  # noqa: E402
 from conftest import imagenet_reference, subprocess_env  # noqa: E402

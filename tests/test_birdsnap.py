@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_cwsn.data import birdsnap
-from keras_cwsn.data.info import DatasetInfo
+pytest.importorskip("tensorflow", reason="TensorFlow only: the Birdsnap TFDS builder and its tf.data pipeline")
+
+from keras_cwsn.data import birdsnap  # noqa: E402
+from keras_cwsn.data.info import DatasetInfo  # noqa: E402
 
 # (species, birdsnap id, fine index in birdsnap34.tsv, coarse index in birdsnap34 numbering)
 SPECIES = [

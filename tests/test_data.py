@@ -4,9 +4,10 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from conftest import (
+tf = pytest.importorskip("tensorflow", reason="TensorFlow only: the tf.data pipeline and its preprocessing")
+
+from conftest import (  # noqa: E402
     CIFAR10_ANIMALS,
     CIFAR10_CLASSES,
     CIFAR10_VEHICLES,
@@ -15,9 +16,9 @@ from conftest import (
     write_image,
     yuv_reference,
 )
-from keras_cwsn import data
-from keras_cwsn.data import folder, normalize, preprocess
-from keras_cwsn.data.synthetic import make_synthetic
+from keras_cwsn import data  # noqa: E402
+from keras_cwsn.data import folder, normalize, preprocess  # noqa: E402
+from keras_cwsn.data.synthetic import make_synthetic  # noqa: E402
 
 
 def _refuse(what):

@@ -12,7 +12,9 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, TWO_CPU_REPLICAS, child_results, subprocess_env
+pytest.importorskip("tensorflow", reason="TensorFlow only: tf.distribute (MirroredStrategy, multi-worker runs)")
+
+from conftest import ROOT, TWO_CPU_REPLICAS, child_results, subprocess_env  # noqa: E402
 
 # The protocol runs' settings, shared by the in-process mirrored run and the two-worker run, so that
 # both compare with the same single-device run.

@@ -14,9 +14,17 @@ import shutil
 import numpy as np
 import pytest
 
-import train
-from conftest import CIFAR10_CLASSES, best_one_to_one_matches, confusion_counts, make_cifar_tree, mapped_matches
-from keras_cwsn import evaluate, report
+pytest.importorskip("tensorflow", reason="TensorFlow only: evaluate reads the SavedModel a protocol run exports")
+
+import train  # noqa: E402
+from conftest import (  # noqa: E402
+    CIFAR10_CLASSES,
+    best_one_to_one_matches,
+    confusion_counts,
+    make_cifar_tree,
+    mapped_matches,
+)
+from keras_cwsn import evaluate, report  # noqa: E402
 
 PER_CLASS, VAL_PER_CLASS = 8, 2
 

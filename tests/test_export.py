@@ -18,11 +18,12 @@ import textwrap
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from conftest import subprocess_env, uv_stats_reference, yuv_reference
-from keras_cwsn import data as data_lib
-from keras_cwsn import export as export_lib
+tf = pytest.importorskip("tensorflow", reason="TensorFlow only: the SavedModel export")
+
+from conftest import subprocess_env, uv_stats_reference, yuv_reference  # noqa: E402
+from keras_cwsn import data as data_lib  # noqa: E402
+from keras_cwsn import export as export_lib  # noqa: E402
 
 # Runs in a fresh interpreter: TensorFlow only, no keras_cwsn. Calls every case in order (the
 # error cases sit between good calls: the process must go on serving after them).

@@ -9,12 +9,13 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from conftest import ROOT, subprocess_env, yuv_reference
-from keras_cwsn import export as export_lib
-from keras_cwsn import predict
-from keras_cwsn.models import build_model
+tf = pytest.importorskip("tensorflow", reason="TensorFlow only: predict serves the exported SavedModel")
+
+from conftest import ROOT, subprocess_env, yuv_reference  # noqa: E402
+from keras_cwsn import export as export_lib  # noqa: E402
+from keras_cwsn import predict  # noqa: E402
+from keras_cwsn.models import build_model  # noqa: E402
 CLASS_NAMES = ("cat", "dog", "bird")  # 3 classes: the exported top k is capped at 3
 STATS = {"normalization": "yuv", "uv_mean": [0.01, -0.02], "uv_std": [0.1, 0.12]}
 # Runs the real `python -m keras_cwsn.predict` entry point, then says which keras_cwsn modules it loaded.

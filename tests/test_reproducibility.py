@@ -9,6 +9,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("tensorflow", reason="TensorFlow only: exact repeats through TensorFlow's op determinism")
 
 from conftest import ROOT, subprocess_env  # noqa: E402
 

@@ -16,6 +16,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+pytest.importorskip("tensorflow", reason="TensorFlow only: resuming killed train.py runs (TensorFlow checkpoints "
+                    "and tf.distribute strategies)")
+
 from conftest import ROOT, subprocess_env  # noqa: E402
 
 FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy", "train_cluster_accuracy")

@@ -15,10 +15,11 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-import train
-from conftest import TINY_RUN_ARGS, best_one_to_one_matches, confusion_counts, mapped_matches
+tf = pytest.importorskip("tensorflow", reason="TensorFlow only: conftest's protocol_run exports a SavedModel")
+
+import train  # noqa: E402
+from conftest import TINY_RUN_ARGS, best_one_to_one_matches, confusion_counts, mapped_matches  # noqa: E402
 
 
 @pytest.fixture(scope="module")
