@@ -1,15 +1,13 @@
 """Resuming: a run killed at any moment and started again ends where an uninterrupted run ends.
 
-Tiny runs on the embedded synthetic data (256 training images, batch 32, a few epochs).
+Tiny runs on the embedded synthetic data (256 training images, batch 32, a few epochs). The SIGKILL
+test, which runs on every backend, is in test_protocol_any_backend.py.
 """
 
 import csv
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -57,42 +55,6 @@ def _assert_same_history(rows, reference):
             if key.endswith("_seconds"):  # wall time: the one thing a resumed run may change
                 continue
             np.testing.assert_allclose(float(row[key]), float(value), rtol=1e-4, atol=1e-6, err_msg=key)
-
-
-def test_sigkill_during_clustering_resumes_from_last_epoch(tmp_path):
-    env = _env(tmp_path)
-    reference_dir, out = tmp_path / "reference", tmp_path / "killed"
-    reference = subprocess.Popen(_command(reference_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(_command(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metadata = out / "backup" / "cluster" / "training_metadata.json"
-    deadline = time.time() + 300
-    while not metadata.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert metadata.exists(), "no checkpoint after the first epoch"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    assert not (out / "metrics.json").exists()
-    saved_epoch = json.loads(metadata.read_text())["epoch"]
-    assert 1 <= saved_epoch < 4
-
-    restarted = subprocess.run(_command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert restarted.returncode == 0, restarted.stderr[-2000:]
-    assert f"[resume] cluster phase: resuming after epoch {saved_epoch} of 4" in restarted.stdout
-    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
-
-    resumed, uninterrupted = _metrics(out), _metrics(reference_dir)
-    _assert_same_figures(resumed, uninterrupted)
-    assert resumed["resumed"][0]["phase"] == "cluster" and resumed["resumed"][0]["from_epoch"] == saved_epoch
-    for phase in ("cluster", "classify"):
-        _assert_same_history(_history(out / f"{phase}_history.csv"), _history(reference_dir / f"{phase}_history.csv"))
-    assert not (out / "backup").exists(), "checkpoints are removed once the run is finished"
-    assert (out / "classifier" / "saved_model.pb").exists()
-
-    again = subprocess.run(_command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2
-    assert len(again.stderr.strip().splitlines()) == 1 and "finished run" in again.stderr
 
 
 class _Interrupted(Exception):
