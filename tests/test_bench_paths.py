@@ -2,7 +2,7 @@
 
 Covers: XLA vs no XLA for a variant-D step, mixed precision vs float32, steps_per_execution > 1
 vs 1, the benchmark's own compiled step vs `train_on_batch`, the 224 pipeline path of
-bench_pipeline.py, and a smoke run of bench/gpu_check.py (TensorFlow backend, tiny sizes), whose
+bench_pipeline.py, bench_batchnorm.py's closed-form BatchNormalization vs Keras's, and a smoke run of bench/gpu_check.py (TensorFlow backend, tiny sizes), whose
 JAX path must import no TensorFlow.
 """
 
@@ -153,6 +153,25 @@ def test_steps_per_execution_matches_one_step_per_execution(source):
         trained[spe] = (_weights(model), history.history["loss"])
     np.testing.assert_allclose(trained[4][1], trained[1][1], rtol=1e-5)
     _assert_updates_close(before, trained[1][0], trained[4][0], rtol=1e-4, atol=1e-7)
+
+
+def test_closed_form_batchnorm_matches_keras_batchnorm():
+    """The cheaper BN bench_batchnorm.py times is the same function: outputs, input and gamma/beta gradients."""
+    bench = _load("bench_batchnorm")
+    x = tf.constant(np.random.default_rng(2).standard_normal((6, 5, 5, 4)).astype("float32") * 3 + 1)
+    results = []
+    for layer_class in (keras.layers.BatchNormalization, bench.ClosedFormBatchNorm):
+        layer = layer_class(gamma_initializer=keras.initializers.RandomUniform(0.5, 2.0, seed=1),
+                            beta_initializer=keras.initializers.RandomUniform(-1.0, 1.0, seed=2))
+        layer.build(x.shape)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.sin(y) * tf.range(1.0, 5.0))
+        grads = tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])
+        results.append([y.numpy()] + [g.numpy() for g in grads] + [layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+    for ours, reference in zip(results[1], results[0]):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_birdsnap_like_224_path_matches_plain_preprocessing(tmp_path):
