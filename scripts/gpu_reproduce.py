@@ -1,0 +1,235 @@
+"""Many (variant, seed) runs of the CIFAR-10 protocol at once on one GPU, sized to a time budget.
+
+A batch-16 LeNet uses a sliver of an H100, so one process per run shares the card (each gets
+`XLA_PYTHON_CLIENT_MEM_FRACTION` = 0.9 / parallel). The device machines lent here allow one command
+10 minutes and a session 15 minutes in all, so the script first measures one epoch with every
+process running, then picks the number of epochs per phase that fits the budget (the paper's 95 at
+most, as `--schedule-scale E/95`: learning-rate milestones scale with it) and runs them. On the
+budget's end unfinished runs are stopped with SIGTERM: they keep their per-epoch checkpoints, and
+the same command resumes them with the same plan (`OUT/plan.json`).
+
+    # on the GPU machine (JAX, no TensorFlow), the archive carried inside the checkout:
+    KERAS_BACKEND=jax python scripts/gpu_reproduce.py --archive carry/cifar10-train-jpg.tar.gz \\
+        --out /tmp/runs --runs A:0,B:0,C:0,D:0,ce:0,A:1,C:1,D:1 --budget-seconds 540 --collect $OUT/results.tar.gz
+
+Prints one line per run (status, epochs, figures) and, with --collect, packs every run's small
+files (metrics.json, cluster_result.json, histories, plan.json) into one archive, for machines that
+return only a few files. Needs only what train.py needs on the chosen backend.
+"""
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_EPOCHS = 95
+SMALL_FILES = ("metrics.json", "cluster_result.json", "cluster_history.csv", "classify_history.csv", "config.json")
+VARIANTS = ("ce", "A", "B", "C", "D")
+
+
+class PlanError(Exception):
+    """A bad argument or a budget nothing fits in: one line, exit 2."""
+
+
+def parse_runs(text):
+    """'A:0,D:1' -> [("A", 0), ("D", 1)]."""
+    runs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        variant, _, seed = item.partition(":")
+        if variant not in VARIANTS or not seed.isdigit():
+            raise PlanError(f"--runs: {item!r} is not VARIANT:SEED with VARIANT in {', '.join(VARIANTS)}")
+        runs.append((variant, int(seed)))
+    if not runs or len(set(runs)) != len(runs):
+        raise PlanError(f"--runs must name each (variant, seed) once; got {text!r}")
+    return runs
+
+
+def unpack(archive, data_dir):
+    """The archive's train/<class>/*.jpg under data_dir (once; an unpacked tree is reused)."""
+    if os.path.isdir(os.path.join(data_dir, "train")):
+        return
+    if not os.path.isfile(archive):
+        raise PlanError(f"--archive {archive}: no such file (copy ../shared/data/cifar10/cifar10-train-jpg.tar.gz "
+                        f"into an ignored folder of the checkout and carry it)")
+    os.makedirs(data_dir, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(data_dir, filter="data")
+    if not os.path.isdir(os.path.join(data_dir, "train")):
+        raise PlanError(f"{archive} holds no train/ folder")
+
+
+def warm_cache(data_dir, env):
+    """Decode the training images once into the shared cache, so the parallel runs only read it."""
+    code = ("from keras_cwsn.data import load_split; "
+            f"load_split('cifar10', 'train', data_dir={data_dir!r}, val_per_class=0, verbose=False)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise PlanError(f"cannot read {data_dir} as CIFAR-10: {done.stderr.strip().splitlines()[-1:]}")
+
+
+def run_dir(out, variant, seed, tag="gpu"):
+    return os.path.join(out, f"cifar10-lenet-{tag}-{variant}", f"seed_{seed}")
+
+
+def launch(variant, seed, output_dir, args, env, schedule):
+    """Start one train.py; its output goes to output_dir/train.log."""
+    os.makedirs(output_dir, exist_ok=True)
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", args.data_dir,
+               "--variant", variant, "--seed", str(seed), "--output-dir", output_dir, *schedule, *args.train_args]
+    log = open(os.path.join(output_dir, "train.log"), "a")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_all(procs, deadline, grace=60):
+    """Wait for every process until the deadline, then SIGTERM (SIGKILL after `grace` s) whatever still runs."""
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(1)
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        os.killpg(p.pid, signal.SIGTERM)
+    stop = time.time() + grace
+    for p in running:
+        try:
+            p.wait(timeout=max(stop - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return len(running)
+
+
+def history(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def probe(runs, args, env, deadline):
+    """Seconds of one clustering epoch (the second: the first compiles) with every process running, and start-up seconds."""
+    out = os.path.join(args.out, "probe")
+    start = time.time()
+    procs = [launch(v, s, run_dir(out, v, s), args, env, ["--cluster-epochs", "2", "--classify-epochs", "2"])
+             for v, s in runs]
+    if wait_all(procs, deadline):
+        raise PlanError(f"the probe (2 + 2 epochs per run) did not finish inside the budget; logs in {out}")
+    wall = time.time() - start
+    epochs, spent = [], []
+    for v, s in runs:
+        directory = run_dir(out, v, s)
+        rows = {phase: history(os.path.join(directory, f"{phase}_history.csv")) for phase in ("cluster", "classify")}
+        if (v != "ce" and len(rows["cluster"]) < 2) or len(rows["classify"]) < 2:
+            raise PlanError(f"the probe run {v}:{s} failed; see {os.path.join(directory, 'train.log')}")
+        timed = rows["cluster" if v != "ce" else "classify"][1]
+        epochs.append(float(timed["epoch_seconds"]))
+        spent.append(sum(float(r["epoch_seconds"]) for phase in rows.values() for r in phase))
+    return max(epochs), max(wall - min(spent), 0.0)
+
+
+def choose_epochs(epoch_seconds, startup_seconds, seconds_left, margin=30.0):
+    """Epochs per phase that fit: start-up plus two phases of E epochs, under the time left."""
+    fit = int((seconds_left - startup_seconds - margin) // (2 * epoch_seconds))
+    if fit < 1:
+        raise PlanError(f"no epoch fits: one epoch takes {epoch_seconds:.1f} s with every run going and start-up "
+                        f"{startup_seconds:.0f} s, with {seconds_left:.0f} s left; run fewer at once (--parallel)")
+    return min(fit, PAPER_EPOCHS)
+
+
+def summary_rows(out, runs):
+    rows = []
+    for v, s in runs:
+        directory = run_dir(out, v, s)
+        metrics = os.path.join(directory, "metrics.json")
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                m = json.load(f)
+            rows.append((v, s, "finished", m.get("cluster_accuracy"), m.get("nmi"), m.get("classification_accuracy")))
+        else:
+            done = {p: len(history(os.path.join(directory, f"{p}_history.csv"))) for p in ("cluster", "classify")}
+            rows.append((v, s, f"stopped (cluster {done['cluster']}, classify {done['classify']} epochs)",
+                         None, None, None))
+    return rows
+
+
+def print_summary(rows, plan):
+    print(f"\nplan: {plan['parallel']} at once, {plan['epochs']} epochs per phase (schedule_scale "
+          f"{plan['schedule_scale']:.4f}), one epoch {plan['epoch_seconds']:.1f} s with all running")
+    print(f"{'run':<8}{'status':<44}{'cluster acc':>12}{'NMI':>8}{'class. acc':>12}")
+    fmt = lambda x, pct: "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.3f}")  # noqa: E731
+    for v, s, status, acc, nmi, cls in rows:
+        print(f"{v}:{s:<6}{status:<44}{fmt(acc, True):>12}{fmt(nmi, False):>8}{fmt(cls, True):>12}")
+
+
+def collect(out, runs, path):
+    """Every run's small files and the plan in one .tar.gz (the device machine returns a few files only)."""
+    tmp = path + ".partial"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(os.path.join(out, "plan.json"), arcname="plan.json")
+        for v, s in runs:
+            directory = run_dir(out, v, s)
+            for name in SMALL_FILES:
+                if os.path.exists(os.path.join(directory, name)):
+                    tar.add(os.path.join(directory, name), arcname=os.path.relpath(os.path.join(directory, name), out))
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archive", default=os.path.join(ROOT, "carry", "cifar10-train-jpg.tar.gz"))
+    p.add_argument("--data-dir", default=None, help="where the archive is unpacked (default OUT/data)")
+    p.add_argument("--out", required=True, help="runs, plan.json and the probe go here")
+    p.add_argument("--runs", default="A:0,B:0,C:0,D:0,ce:0", help="VARIANT:SEED,... (one process each)")
+    p.add_argument("--budget-seconds", type=float, default=540.0, help="wall time for everything, probe included")
+    p.add_argument("--max-epochs", type=int, default=PAPER_EPOCHS, help="epochs per phase at most")
+    p.add_argument("--collect", default=None, help="write the runs' small files to this .tar.gz")
+    p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
+    args = p.parse_args(argv)
+    deadline = time.time() + args.budget_seconds
+    try:
+        runs = parse_runs(args.runs)
+        if not 1 <= args.max_epochs <= PAPER_EPOCHS:
+            raise PlanError(f"--max-epochs must be in 1..{PAPER_EPOCHS}; got {args.max_epochs}")
+        args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.out, "data"))
+        unpack(args.archive, args.data_dir)
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(runs):.3f}",
+                   KERAS_CWSN_CACHE=os.environ.get("KERAS_CWSN_CACHE", os.path.join(args.out, "cache")))
+        warm_cache(args.data_dir, env)
+        plan_path = os.path.join(args.out, "plan.json")
+        if os.path.exists(plan_path):  # a second call resumes the runs with the same schedule
+            with open(plan_path) as f:
+                plan = json.load(f)
+            print(f"[plan] resuming with {plan_path}: {plan['epochs']} epochs per phase", flush=True)
+        else:
+            epoch_seconds, startup = probe(runs, args, env, deadline)
+            epochs = min(choose_epochs(epoch_seconds, startup, deadline - time.time()), args.max_epochs)
+            plan = {"parallel": len(runs), "epochs": epochs, "schedule_scale": epochs / PAPER_EPOCHS,
+                    "epoch_seconds": epoch_seconds, "startup_seconds": startup, "runs": [f"{v}:{s}" for v, s in runs]}
+            with open(plan_path + ".partial", "w") as f:
+                json.dump(plan, f, indent=2)
+            os.replace(plan_path + ".partial", plan_path)
+            print(f"[plan] one epoch {epoch_seconds:.1f} s with {len(runs)} runs going, start-up {startup:.0f} s: "
+                  f"{epochs} epochs per phase", flush=True)
+        schedule = ["--schedule-scale", repr(plan["schedule_scale"])]
+        procs = [launch(v, s, run_dir(args.out, v, s), args, env, schedule) for v, s in runs
+                 if not os.path.exists(os.path.join(run_dir(args.out, v, s), "metrics.json"))]
+        stopped = wait_all(procs, deadline)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary_rows(args.out, runs), plan)
+    if args.collect:
+        collect(args.out, runs, args.collect)
+        print(f"small files of every run: {args.collect}")
+    if stopped:
+        print(f"{stopped} run(s) stopped at the budget's end; the same command resumes them")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

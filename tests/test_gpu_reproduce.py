@@ -1,0 +1,74 @@
+"""scripts/gpu_reproduce.py on the CPU, on whichever backend runs the tests: probe, plan, parallel runs, collect, resume."""
+
+import json
+import os
+import sys
+import tarfile
+
+import pytest
+
+from conftest import ROOT, make_cifar_tree
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import gpu_reproduce  # noqa: E402
+
+TINY = ["--", "--batch-size", "8", "--set", "embedding_sample=0", "--set", "metrics_sample=40", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A CIFAR-style archive as the GPU machine gets it: train/<class>/*, here with a test/ split too."""
+    root = tmp_path_factory.mktemp("cifar")
+    make_cifar_tree(str(root / "tree"), per_class=4, splits=("train", "test"))
+    path = root / "cifar10.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(root / "tree" / split, arcname=split)
+    return str(path)
+
+
+def test_two_runs_at_once_are_planned_run_collected_and_resumed(archive, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
+    out, collected = tmp_path / "runs", tmp_path / "results.tar.gz"
+    argv = ["--archive", archive, "--out", str(out), "--runs", "A:0,ce:1", "--budget-seconds", "500",
+            "--max-epochs", "2", "--collect", str(collected), *TINY]
+    assert gpu_reproduce.main(argv) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["parallel"] == 2 and plan["epochs"] == 2 and plan["schedule_scale"] == pytest.approx(2 / 95)
+    assert plan["epoch_seconds"] > 0 and plan["runs"] == ["A:0", "ce:1"]
+    for variant, seed in (("A", 0), ("ce", 1)):
+        run = out / f"cifar10-lenet-gpu-{variant}" / f"seed_{seed}"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["config"]["schedule_scale"] == pytest.approx(2 / 95) and metrics["seed"] == seed
+        assert f"{variant}:{seed}" in printed
+    assert printed.count("finished") == 2
+    with tarfile.open(collected) as tar:
+        names = set(tar.getnames())
+    assert {"plan.json", "cifar10-lenet-gpu-A/seed_0/metrics.json", "cifar10-lenet-gpu-A/seed_0/cluster_history.csv",
+            "cifar10-lenet-gpu-ce/seed_1/metrics.json"} <= names
+    assert not any("probe" in n for n in names)
+
+    assert gpu_reproduce.main(argv) == 0  # the same command again: same plan, nothing to run
+    again = capsys.readouterr().out
+    assert "[plan] resuming" in again and again.count("finished") == 2
+
+
+@pytest.mark.parametrize("runs, message", [("A:0,A:0", "each (variant, seed) once"), ("E:0", "not VARIANT:SEED"),
+                                           ("A", "not VARIANT:SEED")])
+def test_bad_runs_exit_2_with_one_line(runs, message, tmp_path, capsys):
+    assert gpu_reproduce.main(["--out", str(tmp_path), "--runs", runs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_missing_archive_says_what_to_carry(tmp_path, capsys):
+    assert gpu_reproduce.main(["--out", str(tmp_path), "--archive", str(tmp_path / "none.tar.gz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_epochs_fit_the_time_left():
+    assert gpu_reproduce.choose_epochs(epoch_seconds=2.0, startup_seconds=40, seconds_left=500) == 95  # capped
+    assert gpu_reproduce.choose_epochs(epoch_seconds=10.0, startup_seconds=40, seconds_left=500) == 21  # (500-40-30)//20
+    with pytest.raises(gpu_reproduce.PlanError, match="no epoch fits"):
+        gpu_reproduce.choose_epochs(epoch_seconds=100.0, startup_seconds=40, seconds_left=200)
