@@ -82,9 +82,9 @@ def launch(variant, seed, output_dir, args, env, schedule):
     os.makedirs(output_dir, exist_ok=True)
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", args.data_dir,
                "--variant", variant, "--seed", str(seed), "--output-dir", output_dir, *schedule, *args.train_args]
-    log = open(os.path.join(output_dir, "train.log"), "a")
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(os.path.join(output_dir, "train.log"), "a") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def wait_all(procs, deadline, grace=60):
