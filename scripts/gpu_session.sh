@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One device-machine call: the GPU speed check, then the CIFAR-10 runs sized to what time is left.
+#
+# The lent GPU machines have JAX but no TensorFlow or Keras, start bare, allow one command 10
+# minutes and return at most 8 files, so everything a session needs is in this one script:
+#   1. install the carried wheels (.whl/: keras, namex, optree; README "On JAX");
+#   2. unpack the carried CIFAR-10 archive and decode it into the shared cache, on the CPU, while
+#      bench/gpu_check.py has the GPU to itself (capped at CHECK_SECONDS);
+#   3. scripts/gpu_reproduce.py: RUNS at once, epochs per phase sized to BUDGET seconds.
+# Settings (environment): RUNS, BUDGET (s for step 3), CHECK_SECONDS, CHECK_ARGS (gpu_check.py flags),
+# MAX_EPOCHS, TRAIN_ARGS (flags for every train.py), ARCHIVE, WHEELS (default .whl), WORK, PYTHON.
+# What comes back (OUT): gpu_check.txt, reproduce.txt, results.tar.gz (every run's small files
+# and plan.json), logs.tar.gz (every run's train.log), machine.txt.
+#
+#   bash scripts/gpu_session.sh "$OUT"                       # on the device machine
+#   RUNS=A:0,ce:0 BUDGET=200 CHECK_ARGS="--steps 3 ..." TRAIN_ARGS="--batch-size 8" ARCHIVE=tiny.tar.gz \
+#     bash scripts/gpu_session.sh /tmp/out                  # a dry run here (TRAIN_ARGS go to every train.py)
+set -uo pipefail
+out=${1:?usage: $0 OUT_DIR}
+mkdir -p "$out"
+out=$(realpath "$out")
+cd "$(dirname "$0")/.."
+work=${WORK:-/tmp/cwsn-gpu}
+runs=${RUNS:-ce:0,ce:1,ce:2,A:0,A:1,B:0,B:1,C:0,C:1,C:2,D:0,D:1}
+budget=${BUDGET:-400}
+check_seconds=${CHECK_SECONDS:-130}
+archive=${ARCHIVE:-carry/cifar10-train-jpg.tar.gz}
+python=${PYTHON:-python3}
+
+wheels=${WHEELS:-.whl}
+if ls "$wheels"/*.whl >/dev/null 2>&1; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
+    || { echo "error: cannot install the carried wheels in $wheels/" >&2; exit 2; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export KERAS_BACKEND=${KERAS_BACKEND:-jax} PYTHONUNBUFFERED=1 KERAS_CWSN_CACHE=$work/cache
+[ -f "$archive" ] || { echo "error: $archive: no such file (copy ../shared/data/cifar10/cifar10-train-jpg.tar.gz to carry/)" >&2; exit 2; }
+
+{ date -u; nproc; nvidia-smi 2>&1 | head -15; "$python" -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__)"; } \
+  > "$out/machine.txt" 2>&1
+
+# 2. data on the CPU while the GPU check runs alone on the GPU
+mkdir -p "$work/data"
+( [ -d "$work/data/train" ] || tar -xzf "$archive" -C "$work/data" ) && "$python" -c \
+  "from keras_cwsn.data import load_split; load_split('cifar10', 'train', data_dir='$work/data', val_per_class=0, verbose=False)" \
+  > "$out/data.txt" 2>&1 &
+data_pid=$!
+start=$(date +%s)
+timeout "$check_seconds" "$python" bench/gpu_check.py ${CHECK_ARGS:-} > "$out/gpu_check.txt" 2>&1
+echo "gpu_check exit $? after $(( $(date +%s) - start )) s" >> "$out/gpu_check.txt"
+wait "$data_pid" || { echo "error: the CIFAR-10 archive did not unpack or decode; see data.txt" >&2; cat "$out/data.txt" >&2; exit 2; }
+
+# 3. the runs
+"$python" scripts/gpu_reproduce.py --archive "$archive" --data-dir "$work/data" --out "$work/runs" --runs "$runs" \
+  --budget-seconds "$budget" ${MAX_EPOCHS:+--max-epochs $MAX_EPOCHS} --collect "$out/results.tar.gz" ${TRAIN_ARGS:+-- $TRAIN_ARGS} > "$out/reproduce.txt" 2>&1
+status=$?
+(cd "$work/runs" && find . -name train.log -print0 | tar -czf "$out/logs.tar.gz" --null -T -)
+cat "$out/gpu_check.txt" "$out/reproduce.txt"
+exit $status
