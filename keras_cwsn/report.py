@@ -116,7 +116,8 @@ def versus_baseline(runs, baseline_runs):
     if len(ours) < 2 or len(base) < 2:
         return "—"
     p_value = stats.ttest_ind(ours, base, equal_var=False).pvalue
-    return f"{np.mean(ours) - np.mean(base):+.2f} (p = {p_value:.2f})"
+    p_text = "p < 0.01" if p_value < 0.01 else f"p = {p_value:.2f}"  # "p = 0.00" would claim p is zero
+    return f"{np.mean(ours) - np.mean(base):+.2f} ({p_text})"
 
 
 def markdown_table(groups):

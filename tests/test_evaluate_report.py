@@ -153,3 +153,12 @@ def test_report_table(tmp_path, capsys):
     a_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| A "))
     assert a_row.rstrip().endswith("| +5.00 (p = 0.07) |")  # Welch: t = 5 / sqrt(2/2 + 2/2) = 3.54, 2 degrees of freedom
     assert report.main([str(tmp_path / "none")]) == 2
+
+
+def test_report_says_p_below_001_rather_than_p_zero(tmp_path, capsys):
+    for seed, (ce, a) in enumerate(((0.700, 0.800), (0.701, 0.801), (0.702, 0.803))):
+        _metrics(tmp_path / "ce" / f"seed_{seed}", "ce", seed, ce)
+        _metrics(tmp_path / "a" / f"seed_{seed}", "A", seed, a, cluster=0.6)
+    assert report.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
+    a_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| A "))
+    assert a_row.rstrip().endswith("| +10.03 (p < 0.01) |")
