@@ -6,7 +6,7 @@ Everything the test files used to repeat lives here once:
   importable, a private cache); `child_results(code, ...)`: run a child script, read the JSON it prints;
   `TWO_CPU_REPLICAS`: the start of a child script that needs 2 tf.distribute replicas on the CPU;
 - `tiny_clusterer`, `random_images`, `softmax`, the `float32_policy` fixture;
-- `make_cifar_tree`, `write_image`, `tiny_config`: small datasets and configs;
+- `make_cifar_tree`, `make_cifar_archive`, `write_image`, `tiny_config`: small datasets and configs;
 - `yuv_reference`, `uv_stats_reference`, `imagenet_reference`: the preprocessing written out in
   NumPy float64 from the published coefficients, never by calling the code under test;
 - `protocol_run`: one tiny run of the whole protocol (train.py, variant D) for the session, shared by
@@ -151,6 +151,18 @@ def make_cifar_tree(root, per_class=6, classes=CIFAR10_CLASSES, seed=0, splits=(
                 write_image(path, array)
                 arrays[path] = array
     return arrays
+
+
+def make_cifar_archive(root):
+    """A CIFAR-style archive as the GPU machine gets it (train/<class>/*, here with a test/ split too)."""
+    import tarfile
+
+    make_cifar_tree(os.path.join(root, "tree"), per_class=4, splits=("train", "test"))
+    path = os.path.join(root, "cifar10.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(os.path.join(root, "tree", split), arcname=split)
+    return path
 
 
 def tiny_config(**overrides):

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from conftest import ROOT, make_cifar_tree
+from conftest import ROOT, make_cifar_archive
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_reproduce  # noqa: E402
@@ -17,14 +17,7 @@ TINY = ["--", "--batch-size", "8", "--set", "embedding_sample=0", "--set", "metr
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """A CIFAR-style archive as the GPU machine gets it: train/<class>/*, here with a test/ split too."""
-    root = tmp_path_factory.mktemp("cifar")
-    make_cifar_tree(str(root / "tree"), per_class=4, splits=("train", "test"))
-    path = root / "cifar10.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for split in ("train", "test"):
-            tar.add(root / "tree" / split, arcname=split)
-    return str(path)
+    return make_cifar_archive(str(tmp_path_factory.mktemp("cifar")))
 
 
 def test_two_runs_at_once_are_planned_run_collected_and_resumed(archive, tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ import tarfile
 import keras
 import pytest
 
-from conftest import ROOT, make_cifar_tree
+from conftest import ROOT, make_cifar_archive
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_session.sh")
 TINY_CHECK = ("--archs lenet --variants ce --steps 1 --warmup 1 --lenet-batch 4 --loss-sizes 16x4 --repeats 1")
@@ -17,13 +17,7 @@ TINY_TRAIN = "--batch-size 8 --set embedding_sample=0 --set metrics_sample=40 --
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    make_cifar_tree(str(root / "tree"), per_class=4, splits=("train", "test"))
-    path = root / "cifar10.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for split in ("train", "test"):
-            tar.add(root / "tree" / split, arcname=split)
-    return str(path)
+    return make_cifar_archive(str(tmp_path_factory.mktemp("cifar")))
 
 
 def session(out, tmp_path, **settings):
