@@ -38,8 +38,10 @@ fi
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} PYTHONUNBUFFERED=1 KERAS_CWSN_CACHE=$work/cache
 [ -f "$archive" ] || { echo "error: $archive: no such file (copy ../shared/data/cifar10/cifar10-train-jpg.tar.gz to carry/)" >&2; exit 2; }
 
-{ date -u; nproc; nvidia-smi 2>&1 | head -15; "$python" -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__)"; } \
-  > "$out/machine.txt" 2>&1
+{ date -u; nproc; if command -v nvidia-smi >/dev/null; then nvidia-smi 2>&1 | head -15; else echo "no nvidia-smi"; fi
+  "$python" -c "import keras; print('keras', keras.__version__, 'backend', keras.backend.backend())
+if keras.backend.backend() == 'jax':
+    import jax; print('jax', jax.__version__, jax.devices())"; } > "$out/machine.txt" 2>&1
 
 # 2. data on the CPU while the GPU check runs alone on the GPU
 mkdir -p "$work/data"

@@ -36,7 +36,7 @@ def test_one_call_checks_the_device_runs_and_returns_every_file(archive, tmp_pat
     check = (out / "gpu_check.txt").read_text()
     assert "PairwiseKLLoss forward+backward" in check and "gpu_check exit 0" in check
     assert "1 epochs per phase" in (out / "reproduce.txt").read_text()
-    assert keras.__version__ in (out / "machine.txt").read_text()
+    assert f"keras {keras.__version__} backend {keras.backend.backend()}" in (out / "machine.txt").read_text()
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
     assert "plan.json" in names and "cifar10-lenet-gpu-ce/seed_0/metrics.json" in names
