@@ -1,10 +1,11 @@
 """Evaluate a finished run's exported classifier and clusterer on any folder of class sub-folders.
 
-    python -m keras_cwsn.evaluate RUN --data-dir DIR --split test [--json]
+    python -m keras_cwsn.evaluate RUN --data-dir DIR --split test [--json] [--confusion]
 
 The classifier is the SavedModel (raw uint8 images in, preprocessing inside); the clusterer is
 `clusterer.keras`, fed with the run's own training statistics, and its clusters are mapped to
 classes with the Hungarian mapping found on the run's training split (`cluster_result.json`).
+`--confusion` adds the class x mapped-cluster counts, to tell merged clusters from scattered errors.
 """
 
 import argparse
@@ -13,14 +14,18 @@ import os
 import sys
 
 
-def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256):
-    """Classification accuracy and clustering figures of a finished run on a split; returns a dict."""
+def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion=False):
+    """Classification accuracy and clustering figures of a finished run on a split; returns a dict.
+
+    With `confusion`, also "confusion": {"classes": names, "counts": [[...]]}, rows the true class
+    and columns the class each cluster is mapped to (needs the run's clusterer).
+    """
     import numpy as np
     import tensorflow as tf
 
     from keras_cwsn import data as data_lib
     from keras_cwsn.export import ASSET_FILE
-    from keras_cwsn.metrics import clustering_report, predict_clusters
+    from keras_cwsn.metrics import cluster_confusion, clustering_report, predict_clusters
 
     config_path = os.path.join(run_dir, "config.json")
     classifier_dir = os.path.join(run_dir, "classifier")
@@ -53,7 +58,37 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256):
         images = data_lib.make_pipeline(split_data, stats, batch_size, images_only=True)
         clusters = predict_clusters(clusterer, images, "fine_fc3")
         figures.update(clustering_report(split_data.labels, clusters, mapping))
+        if confusion:
+            names = list(split_data.info.fine_names)
+            counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))
+            figures["confusion"] = {"classes": names, "counts": counts.tolist()}
+    elif confusion:
+        raise FileNotFoundError(f"{run_dir} has no clusterer.keras (variant {config['variant']!r}): "
+                                f"--confusion needs a clusterer.")
     return figures
+
+
+def confusion_text(confusion):
+    """The confusion as a table plus, per class, its share in its own cluster and its largest leak."""
+    import numpy as np
+
+    names, counts = confusion["classes"], np.asarray(confusion["counts"])
+    width = max(6, *(len(n) for n in names))
+    lines = ["rows: true class; columns: the class each cluster is mapped to",
+             " " * width + "".join(f"{n[:width]:>{width + 1}}" for n in names)]
+    lines += [f"{name:<{width}}" + "".join(f"{c:>{width + 1}}" for c in row) for name, row in zip(names, counts)]
+    lines.append("")
+    for i, name in enumerate(names):
+        total = counts[i].sum()
+        if total == 0:
+            lines.append(f"{name:<{width}} no examples")
+            continue
+        others = counts[i].copy()
+        others[i] = -1
+        j = int(others.argmax())
+        lines.append(f"{name:<{width}} {counts[i, i] / total:6.1%} in its own cluster; largest leak: "
+                     f"{names[j]} {counts[i, j] / total:.1%}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -63,12 +98,14 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None, help="folder with <split>/<class>/*; default: the run's")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--confusion", action="store_true",
+                        help="also the class x mapped-cluster counts (rows: true class), to spot merged clusters")
     args = parser.parse_args(argv)
     from keras_cwsn.optional import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     try:
-        figures = evaluate_run(args.run, args.data_dir, args.split)
+        figures = evaluate_run(args.run, args.data_dir, args.split, confusion=args.confusion)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -79,6 +116,8 @@ def main(argv=None):
         for key in ("classification_accuracy", "cluster_accuracy", "nmi", "purity"):
             if key in figures:
                 print(f"  {key:24s} {figures[key]:.4f}")
+        if "confusion" in figures:
+            print(confusion_text(figures["confusion"]))
     return 0
 
 

@@ -8,7 +8,7 @@ import time
 import keras
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics import confusion_matrix, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 NMI_AVERAGE = "arithmetic"  # scikit-learn's default: I(Y;C) / mean(H(Y), H(C)); stated in the README
@@ -74,6 +74,18 @@ def purity(y_true, y_cluster):
     """Fraction of examples that belong to their cluster's majority class."""
     y_true, y_cluster = _as_labels(y_true, y_cluster)
     return float(contingency_matrix(y_true, y_cluster).max(axis=0).sum() / y_true.size)
+
+
+def cluster_confusion(y_true, y_cluster, mapping, num_classes=None):
+    """counts[class, mapped class]: where each class's examples land once every cluster is read as its class.
+
+    The diagonal is what Hungarian accuracy counts; a large off-diagonal cell shows two classes
+    sharing one cluster (a merge), which accuracy alone cannot tell from scattered errors.
+    """
+    y_true, y_cluster = _as_labels(y_true, y_cluster)
+    mapped = map_clusters(y_cluster, mapping)
+    size = int(max(num_classes or 0, y_true.max() + 1, mapped.max() + 1))
+    return confusion_matrix(y_true, mapped, labels=np.arange(size))
 
 
 def clustering_report(y_true, y_cluster, mapping=None):

@@ -121,6 +121,36 @@ def test_evaluate_reproduces_the_runs_own_figures(cifar_run):
         assert figures[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
+def test_evaluate_confusion_counts_the_clusterers_answers(cifar_run, capsys):
+    root, run_dir = cifar_run
+    figures = evaluate.evaluate_run(run_dir, None, "val", confusion=True)
+    labels, clusters = _clusters(run_dir, str(root / "train_data"), "val")
+    mapping = _mapping(run_dir)
+    expected = np.zeros((10, 10), dtype=np.int64)
+    for label, cluster in zip(labels, clusters):
+        expected[label, mapping[cluster]] += 1
+    assert figures["confusion"]["classes"] == list(CIFAR10_CLASSES)
+    np.testing.assert_array_equal(figures["confusion"]["counts"], expected)
+    assert np.trace(expected) / len(labels) == pytest.approx(figures["cluster_accuracy"])
+    assert evaluate.main([run_dir, "--split", "val", "--confusion"]) == 0
+    printed = capsys.readouterr().out
+    assert "rows: true class" in printed
+    first = expected[0]
+    others = first.copy()
+    others[0] = -1
+    leak = CIFAR10_CLASSES[int(others.argmax())]
+    assert f"{first[0] / first.sum():6.1%} in its own cluster; largest leak: {leak}" in printed
+
+
+def test_evaluate_confusion_needs_a_clusterer(cifar_run, tmp_path, capsys):
+    _, run_dir = cifar_run
+    copy = tmp_path / "no-clusterer"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("clusterer.keras", "logs", "backup"))
+    assert evaluate.main([str(copy), "--split", "val", "--confusion"]) == 2
+    assert "--confusion needs a clusterer" in capsys.readouterr().err
+    assert "confusion" not in evaluate.evaluate_run(str(copy), None, "val")
+
+
 def test_evaluate_errors(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
     assert "not a finished run" in capsys.readouterr().err

@@ -6,11 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import tiny_clusterer
+from conftest import confusion_counts, tiny_clusterer
 from keras_cwsn.losses import PairwiseKLLoss
 from keras_cwsn.metrics import (
     ClusteringMetrics,
     cluster_accuracy,
+    cluster_confusion,
     clustering_report,
     hungarian_mapping,
     map_clusters,
@@ -115,6 +116,27 @@ def test_bad_labels_raise(metric):
 def test_mapping_that_misses_a_cluster_raises():
     with pytest.raises(ValueError, match=r"Cluster ids \[3\] are not in the mapping"):
         cluster_accuracy([0, 1, 1], [0, 1, 3], mapping=np.array([0, 1]))
+
+
+def test_cluster_confusion_is_the_contingency_with_columns_read_through_the_mapping():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 200)
+    clusters = rng.integers(0, 4, 200)
+    mapping = np.array([2, 0, 3, 1])
+    counts = cluster_confusion(labels, clusters, mapping)
+    expected = np.zeros((4, 4), dtype=np.int64)
+    for k in range(4):  # cluster k's column lands in the column of the class it is read as
+        expected[:, mapping[k]] += confusion_counts(labels, clusters, 4)[:, k]
+    np.testing.assert_array_equal(counts, expected)
+    assert np.trace(counts) / 200 == pytest.approx(cluster_accuracy(labels, clusters, mapping))
+
+
+def test_cluster_confusion_shows_a_merge_and_keeps_empty_classes():
+    # classes 0 and 1 share cluster 0; cluster 1 holds nothing; class 2 (never seen) still has its row
+    counts = cluster_confusion([0, 0, 1, 1], [0, 0, 0, 0], mapping=np.array([0, 1]), num_classes=3)
+    np.testing.assert_array_equal(counts, [[2, 0, 0], [2, 0, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"Cluster ids \[2\] are not in the mapping"):
+        cluster_confusion([0, 1], [0, 2], mapping=np.array([0, 1]))
 
 
 # ---------------------------------------------------------------------------------------------
