@@ -188,6 +188,9 @@ def main(argv=None):
     p.add_argument("--budget-seconds", type=float, default=540.0, help="wall time for everything, probe included")
     p.add_argument("--max-epochs", type=int, default=PAPER_EPOCHS, help="epochs per phase at most")
     p.add_argument("--collect", default=None, help="write the runs' small files to this .tar.gz")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="unpack the archive and decode it into the cache, then stop (gpu_session.sh does this "
+                        "on the CPU while the GPU check runs)")
     p.add_argument("train_args", nargs="*", help="more train.py flags, after --")
     args = p.parse_args(argv)
     deadline = time.time() + args.budget_seconds
@@ -200,6 +203,9 @@ def main(argv=None):
         env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(runs):.3f}",
                    KERAS_CWSN_CACHE=os.environ.get("KERAS_CWSN_CACHE", os.path.join(args.out, "cache")))
         warm_cache(args.data_dir, env)
+        if args.prepare_only:
+            print(f"[data] {args.data_dir} unpacked and decoded into {env['KERAS_CWSN_CACHE']}", flush=True)
+            return 0
         plan_path = os.path.join(args.out, "plan.json")
         if os.path.exists(plan_path):  # a second call resumes the runs with the same schedule
             with open(plan_path) as f:

@@ -44,9 +44,7 @@ if keras.backend.backend() == 'jax':
     import jax; print('jax', jax.__version__, jax.devices())"; } > "$out/machine.txt" 2>&1
 
 # 2. data on the CPU while the GPU check runs alone on the GPU
-mkdir -p "$work/data"
-( [ -d "$work/data/train" ] || tar -xzf "$archive" -C "$work/data" ) && "$python" -c \
-  "from keras_cwsn.data import load_split; load_split('cifar10', 'train', data_dir='$work/data', val_per_class=0, verbose=False)" \
+"$python" scripts/gpu_reproduce.py --archive "$archive" --data-dir "$work/data" --out "$work/runs" --prepare-only \
   > "$out/data.txt" 2>&1 &
 data_pid=$!
 start=$(date +%s)

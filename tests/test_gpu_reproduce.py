@@ -47,6 +47,17 @@ def test_two_runs_at_once_are_planned_run_collected_and_resumed(archive, tmp_pat
     assert "[plan] resuming" in again and again.count("finished") == 2
 
 
+def test_prepare_only_unpacks_and_decodes_and_runs_nothing(archive, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(cache))
+    out, data = tmp_path / "runs", tmp_path / "data"
+    assert gpu_reproduce.main(["--archive", archive, "--out", str(out), "--data-dir", str(data), "--prepare-only"]) == 0
+    assert "[data]" in capsys.readouterr().out
+    assert len(os.listdir(data / "train")) == 10
+    assert any(files for _, _, files in os.walk(cache))  # the decoded arrays, for the runs to read
+    assert not (out / "plan.json").exists() and not any(out.glob("cifar10-*"))
+
+
 @pytest.mark.parametrize("runs, message", [("A:0,A:0", "each (variant, seed) once"), ("E:0", "not VARIANT:SEED"),
                                            ("A", "not VARIANT:SEED")])
 def test_bad_runs_exit_2_with_one_line(runs, message, tmp_path, capsys):
