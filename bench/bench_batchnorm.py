@@ -7,13 +7,17 @@ Run by hand (never a timed test):
 Issue 12 lever. The project's LeNet (the `ce` classifier of `build_model`) is cloned with its
 BatchNormalization layers swapped, and one training step (`Model.train_step`, 50 per call in one
 `tf.function`, SGD with coupled weight decay as in the protocol) is timed per case, interleaved
-over rounds, median per case:
+over rounds (the order reversed every other round); the step is the median per case, and "vs
+keras" the median over rounds of that round's ratio, which holds still while this shared
+machine's speed drifts from round to round (the Keras step alone measured 15-26 ms in one hour):
 
 - `keras`: the model as the project builds it (Keras's BatchNormalization).
 - `closed-form conv` / `closed-form all`: the conv (or every) BatchNormalization computed as
   `x * a + b`, its statistics by one matrix product with a ones vector, and its gradient in closed
   form (one more matrix product), instead of Keras's moments + autodiff. Same function: the script
   prints its largest difference to Keras's outputs and input gradients first.
+- `fused conv` / `fused all`: `FusedBatchNormalization` below (TensorFlow's fused kernel in
+  training, as tf.keras 2 had it) in the conv (or every) slot.
 - `none conv` / `none all`: those layers removed (not the same network: the floor BN sits on; with
   it gone, TensorFlow fuses convolution, bias and ReLU).
 """
@@ -36,6 +40,7 @@ from keras_cwsn.training import recipe  # noqa: E402
 from pause import PauseJobs  # noqa: E402
 
 STEPS_PER_CALL = 50
+CASES = ("keras", "closed-form conv", "closed-form all", "fused conv", "fused all", "none conv", "none all")
 
 
 def _column_sums(rows):
@@ -60,6 +65,38 @@ class ClosedFormBatchNorm(keras.layers.BatchNormalization):
         y = _normalize(x, tf.identity(self.gamma), tf.identity(self.beta),  # tensors, not variables
                        ops.stop_gradient(mean), ops.stop_gradient(variance), self.epsilon)
         return ops.reshape(y, ops.shape(inputs))
+
+
+def _fused_applies(layer, inputs, mask):
+    if keras.backend.backend() != "tensorflow" or mask is not None:
+        return False
+    if layer.renorm or layer.synchronized or not (layer.center and layer.scale):
+        return False
+    rank = len(inputs.shape)
+    return (rank in (2, 4) and isinstance(layer.axis, int) and layer.axis % rank == rank - 1
+            and inputs.dtype == "float32" and layer.compute_dtype == "float32")
+
+
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization` whose training step uses TensorFlow's fused kernel, as tf.keras 2 did.
+
+    Keras 3 computes it as separate moments and arithmetic ops (keras-team/keras-core#225). Same
+    weights and results as the stock layer (moving statistics from the same biased variance);
+    dense activations (N, C) go through the kernel as (N, 1, 1, C).
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and _fused_applies(self, inputs, mask)):
+            return super().call(inputs, training=training, mask=mask)
+        x = inputs if len(inputs.shape) == 4 else tf.reshape(inputs, (-1, 1, 1, inputs.shape[-1]))
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
+        count = tf.cast(tf.size(x) // tf.shape(x)[-1], variance.dtype)
+        # the kernel returns the Bessel-corrected variance; Keras keeps the biased one
+        variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return y if len(inputs.shape) == 4 else tf.reshape(y, tf.shape(inputs))
 
 
 class NoNorm(keras.layers.BatchNormalization):
@@ -107,6 +144,8 @@ def variant_model(case):
         if isinstance(layer, keras.layers.BatchNormalization) and (which == "all" or layer.name.startswith("conv")):
             if kind == "none":
                 return NoNorm.from_config({**config, "center": False, "scale": False})
+            if kind == "fused":
+                return FusedBatchNormalization.from_config(config)
             return ClosedFormBatchNorm.from_config(config)
         return layer.__class__.from_config(config)
 
@@ -122,11 +161,11 @@ def compiled(model):
     return recipe.compile_model(model, "ce", optimizer, metrics=False)
 
 
-def check_same_function(batch):
-    """Largest |difference| of outputs and input gradients, closed-form vs Keras BatchNormalization (training mode)."""
+def check_same_function(batch, other):
+    """Largest |difference| of outputs and input gradients, case `other` vs Keras BatchNormalization (training mode)."""
     x = tf.constant(np.random.default_rng(1).standard_normal((batch, 32, 32, 3)).astype("float32"))
     results = []
-    for case in ("keras", "closed-form all"):
+    for case in ("keras", other):
         model = variant_model(case)
         with tf.GradientTape() as tape:
             tape.watch(x)
@@ -155,13 +194,15 @@ def time_cases(batch, cases, rounds, pause):
     for step in steps.values():
         step(x, y)  # trace and warm up
     times = {case: [] for case in cases}
-    for _ in range(rounds):
+    for r in range(rounds):
         with PauseJobs(pause):
-            for case, step in steps.items():
+            for case, step in (list(steps.items()) if r % 2 == 0 else reversed(steps.items())):
                 start = time.perf_counter()
                 step(x, y)
                 times[case].append((time.perf_counter() - start) / STEPS_PER_CALL * 1000)
-    return {case: statistics.median(t) for case, t in times.items()}
+    medians = {case: statistics.median(t) for case, t in times.items()}
+    ratios = {case: statistics.median(a / b for a, b in zip(t, times["keras"])) for case, t in times.items()}
+    return medians, ratios
 
 
 def main():
@@ -170,16 +211,21 @@ def main():
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--pause-train-jobs", action="store_true",
                         help="SIGSTOP background `train.py --dataset cifar10` jobs during each timed block")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     args = parser.parse_args()
-    cases = ("keras", "closed-form conv", "closed-form all", "none conv", "none all")
-    out_diff, grad_diff = check_same_function(16)
-    print(f"closed-form vs Keras BatchNormalization, batch 16: outputs max |diff| {out_diff:.2e}, "
-          f"input gradients max relative diff {grad_diff:.2e}")
+    cases = tuple(args.cases.split(","))
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown or "keras" not in cases:
+        parser.error(f"--cases: unknown {unknown} (choose from {', '.join(CASES)}; 'keras' is required)")
+    for kind in ("closed-form", "fused"):
+        out_diff, grad_diff = check_same_function(16, f"{kind} all")
+        print(f"{kind} vs Keras BatchNormalization, batch 16: outputs max |diff| {out_diff:.2e}, "
+              f"input gradients max relative diff {grad_diff:.2e}")
     print(f"\n{'batch':>5}  {'case':<18}{'step (ms)':>10}{'vs keras':>10}")
     for batch in (int(b) for b in args.batches.split(",")):
-        medians = time_cases(batch, cases, args.rounds, "cifar10" if args.pause_train_jobs else None)
+        medians, ratios = time_cases(batch, cases, args.rounds, "cifar10" if args.pause_train_jobs else None)
         for case in cases:
-            print(f"{batch:>5}  {case:<18}{medians[case]:>10.2f}{medians[case] / medians['keras']:>10.2f}")
+            print(f"{batch:>5}  {case:<18}{medians[case]:>10.2f}{ratios[case]:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -155,12 +155,14 @@ def test_steps_per_execution_matches_one_step_per_execution(source):
     _assert_updates_close(before, trained[1][0], trained[4][0], rtol=1e-4, atol=1e-7)
 
 
-def test_closed_form_batchnorm_matches_keras_batchnorm():
-    """The cheaper BN bench_batchnorm.py times is the same function: outputs, input and gamma/beta gradients."""
+@pytest.mark.parametrize("name, shape", [("ClosedFormBatchNorm", (6, 5, 5, 4)), ("FusedBatchNormalization", (6, 5, 5, 4)),
+                                         ("FusedBatchNormalization", (6, 4)), ("FusedBatchNormalization", (1, 4))])
+def test_other_batchnorms_match_keras_batchnorm(name, shape):
+    """The BNs bench_batchnorm.py times are the same function: outputs, input and gamma/beta gradients, moving stats."""
     bench = _load("bench_batchnorm")
-    x = tf.constant(np.random.default_rng(2).standard_normal((6, 5, 5, 4)).astype("float32") * 3 + 1)
+    x = tf.constant(np.random.default_rng(2).standard_normal(shape).astype("float32") * 3 + 1)
     results = []
-    for layer_class in (keras.layers.BatchNormalization, bench.ClosedFormBatchNorm):
+    for layer_class in (keras.layers.BatchNormalization, getattr(bench, name)):
         layer = layer_class(gamma_initializer=keras.initializers.RandomUniform(0.5, 2.0, seed=1),
                             beta_initializer=keras.initializers.RandomUniform(-1.0, 1.0, seed=2))
         layer.build(x.shape)
