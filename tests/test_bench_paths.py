@@ -298,3 +298,20 @@ def test_gpu_check_loads_no_tensorflow_module_of_the_package():
     assert "keras_cwsn.export" in tf_modules and "keras_cwsn.data.preprocess" in tf_modules  # the scan sees TF where it is
     assert not loaded & tf_modules, f"gpu_check loads {sorted(loaded & tf_modules)}, which import TensorFlow"
     assert not any(m.startswith("keras_cwsn.data") for m in loaded)
+
+
+def test_channels_first_lenet_is_the_same_function_as_channels_last():
+    """bench_layout.py times one network in two layouts: with fc1's rows reordered, the outputs agree."""
+    bench = _load("bench_layout")
+    last, first = bench.lenet("channels_last"), bench.lenet("channels_first")
+    weights = [w.copy() for w in last.get_weights()]
+    for i, w in enumerate(weights):  # fc1's kernel: rows in (h, w, c) flatten order -> (c, h, w)
+        if w.shape == (5 * 5 * 50, 500):
+            weights[i] = w.reshape(5, 5, 50, 500).transpose(2, 0, 1, 3).reshape(-1, 500)
+    first.set_weights(weights)
+    x = np.random.default_rng(4).standard_normal((3, 32, 32, 3)).astype("float32")
+    for training in (False, True):
+        np.testing.assert_allclose(first(x, training=training).numpy(), last(x, training=training).numpy(),
+                                   rtol=1e-4, atol=1e-4)
+    first.set_weights(last.get_weights())  # without the reordering the networks differ: the check has teeth
+    assert not np.allclose(first(x, training=False).numpy(), last(x, training=False).numpy(), atol=1e-4)
