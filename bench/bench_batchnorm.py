@@ -24,8 +24,6 @@ machine's speed drifts from round to round (the Keras step alone measured 15-26 
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,7 +35,7 @@ from keras import ops  # noqa: E402
 from keras_cwsn.models import build_model  # noqa: E402
 from keras_cwsn.optimizers import CoupledSGD  # noqa: E402
 from keras_cwsn.training import recipe  # noqa: E402
-from pause import PauseJobs  # noqa: E402
+from timing import time_interleaved, train_steps_call  # noqa: E402
 
 STEPS_PER_CALL = 50
 CASES = ("keras", "closed-form conv", "closed-form all", "fused conv", "fused all", "none conv", "none all")
@@ -176,33 +174,12 @@ def check_same_function(batch, other):
     return float(np.abs(out_a - out_b).max()), float(np.abs(grad_a - grad_b).max() / np.abs(grad_a).max())
 
 
-def many_steps(model):
-    @tf.function
-    def run(x, y):
-        for _ in tf.range(STEPS_PER_CALL):
-            model.train_step((x, y))
-        return 0
-
-    return run
-
-
 def time_cases(batch, cases, rounds, pause):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((batch, 32, 32, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, batch).astype("int32"))
-    steps = {case: many_steps(compiled(variant_model(case))) for case in cases}
-    for step in steps.values():
-        step(x, y)  # trace and warm up
-    times = {case: [] for case in cases}
-    for r in range(rounds):
-        with PauseJobs(pause):
-            for case, step in (list(steps.items()) if r % 2 == 0 else reversed(steps.items())):
-                start = time.perf_counter()
-                step(x, y)
-                times[case].append((time.perf_counter() - start) / STEPS_PER_CALL * 1000)
-    medians = {case: statistics.median(t) for case, t in times.items()}
-    ratios = {case: statistics.median(a / b for a, b in zip(t, times["keras"])) for case, t in times.items()}
-    return medians, ratios
+    calls = {case: train_steps_call(compiled(variant_model(case)), STEPS_PER_CALL) for case in cases}
+    return time_interleaved(calls, (x, y), rounds, pause, per_call=STEPS_PER_CALL)
 
 
 def main():
@@ -217,6 +194,7 @@ def main():
     unknown = sorted(set(cases) - set(CASES))
     if unknown or "keras" not in cases:
         parser.error(f"--cases: unknown {unknown} (choose from {', '.join(CASES)}; 'keras' is required)")
+    cases = ("keras",) + tuple(c for c in cases if c != "keras")  # the reference the ratios are taken to
     for kind in ("closed-form", "fused"):
         out_diff, grad_diff = check_same_function(16, f"{kind} all")
         print(f"{kind} vs Keras BatchNormalization, batch 16: outputs max |diff| {out_diff:.2e}, "

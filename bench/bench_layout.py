@@ -15,8 +15,6 @@ over rounds of that round's ratio.
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -25,7 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers  # noqa: E402
 
-from pause import PauseJobs  # noqa: E402
+from timing import time_interleaved, train_steps_call  # noqa: E402
 
 STEPS_PER_CALL = 30
 LAYOUTS = ("channels_last", "channels_first")
@@ -51,32 +49,13 @@ def lenet(data_format, num_classes=10):
     return model
 
 
-def many_steps(model):
-    @tf.function
-    def run(x, y):
-        for _ in tf.range(STEPS_PER_CALL):
-            model.train_step((x, y))
-        return 0
-
-    return run
-
-
 def time_layouts(batch, rounds, pause):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((batch, 32, 32, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, batch).astype("int32"))
-    steps = {layout: many_steps(lenet(layout)) for layout in LAYOUTS}
-    for step in steps.values():
-        step(x, y)  # trace and warm up
-    times = {layout: [] for layout in LAYOUTS}
-    for r in range(rounds):
-        with PauseJobs(pause):
-            for layout, step in (list(steps.items()) if r % 2 == 0 else reversed(steps.items())):
-                start = time.perf_counter()
-                step(x, y)
-                times[layout].append((time.perf_counter() - start) / STEPS_PER_CALL * 1000)
-    ratio = statistics.median(a / b for a, b in zip(times["channels_first"], times["channels_last"]))
-    return {layout: statistics.median(t) for layout, t in times.items()}, ratio
+    calls = {layout: train_steps_call(lenet(layout), STEPS_PER_CALL) for layout in LAYOUTS}
+    medians, ratios = time_interleaved(calls, (x, y), rounds, pause, per_call=STEPS_PER_CALL)
+    return medians, ratios["channels_first"]
 
 
 def main():
