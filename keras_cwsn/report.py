@@ -4,10 +4,11 @@
     python -m keras_cwsn.report runs/cifar10-* --plots docs/figures > docs/RESULTS.md
 
 Each argument is a run folder (metrics.json) or a multi-seed folder (seed_*/metrics.json); runs
-are grouped by dataset, network, variant, pairwise criterion and schedule, and reported as mean ±
+are grouped by dataset, network, variant, recipe settings and schedule, and reported as mean ±
 sample std (n - 1) and best over seeds, with the difference from the paper and from the
-cross-entropy baseline of the same schedule (Welch's t-test p-value). A variant trained with the
-MCL criterion is reported as its own row, e.g. "A mcl".
+cross-entropy baseline of the same schedule and settings (Welch's t-test p-value). A run whose
+criterion, weight decay or initialisation is not the paper's gets a row of its own, e.g. "A mcl",
+"D decoupled-wd", "ce torch-init".
 
 --plots DIR also writes, per table, two PNG figures read from the runs' per-epoch histories:
 DIR/<table>-cluster.png (clustering accuracy and NMI per epoch of the cluster phase) and
@@ -62,11 +63,35 @@ def find_metrics(paths):
     return found
 
 
+# Recipe settings that put a run in a row of its own where they differ from the paper's (the
+# defaults): key -> (default, the row label's suffix for a value, whether it only concerns
+# clusterers). A run from before a key existed is read as the default (the 6- and 12-epoch tables
+# predate `weight_decay_mode`; RESULTS.md says which decay they used).
+ROW_SETTINGS = {
+    "criterion": ("kcl", lambda value: value, True),
+    "margin": (2.0, lambda value: f"margin-{value:g}", True),
+    "head": ("hungarian", lambda value: f"{value}-head", True),
+    "weight_decay_mode": ("coupled", lambda value: f"{value}-wd", False),
+    "init": ("keras", lambda value: f"{value}-init", False),
+    "augment": (False, lambda value: "augment", False),
+}
+
+
 def row_label(config):
-    """The table row of a run: its variant, followed by its pairwise criterion where that is not KCL
-    (the paper's, and the only one before the `criterion` key existed); `ce` has no pairwise loss."""
-    variant, criterion = config["variant"], config.get("criterion", "kcl")
-    return variant if variant == "ce" or criterion == "kcl" else f"{variant} {criterion}"
+    """The table row of a run: its variant, then each setting of ROW_SETTINGS that is not the paper's,
+    e.g. "A", "A mcl", "D decoupled-wd", "ce torch-init" (`ce` has no pairwise loss and no warm start)."""
+    parts = [config["variant"]]
+    for key, (default, suffix, clusterer_only) in ROW_SETTINGS.items():
+        value = config.get(key, default)
+        if value != default and not (clusterer_only and config["variant"] == "ce"):
+            parts.append(suffix(value))
+    return " ".join(parts)
+
+
+def baseline_label(config):
+    """The row of the `ce` baseline a run is compared with: `ce` trained with the same settings
+    (those that concern only clusterers aside)."""
+    return row_label(dict(config, variant="ce"))
 
 
 def _variant_sort_key(label):
@@ -129,7 +154,6 @@ def markdown_table(groups):
         lines += [f"### {dataset} / {arch}{' (double)' if double else ''}, schedule_scale {scale}", "",
                   "| variant | seeds | cluster acc. % | NMI | purity | warm-start class. acc. % | paper (acc / NMI / purity / class.) | ours − paper (class., mean) | ours − ce (class., Welch p) |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        baseline = groups.get((dataset, arch, double, scale, "ce"), [])
         variants = sorted((k[4] for k in groups if k[:4] == (dataset, arch, double, scale)), key=_variant_sort_key)
         for variant in variants:
             runs = groups[(dataset, arch, double, scale, variant)]
@@ -146,7 +170,8 @@ def markdown_table(groups):
             ref_text = " / ".join("—" if v is None else f"{v}" for v in ref) if ref else "—"
             diff = f"{means['classification_accuracy'] - ref[3]:+.2f}" if ref and "classification_accuracy" in means else "—"
             seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
-            versus = versus_baseline(runs, baseline) if variant != "ce" else "—"
+            baseline = groups.get((dataset, arch, double, scale, baseline_label(runs[0]["config"])), [])
+            versus = versus_baseline(runs, baseline) if variant.partition(" ")[0] != "ce" else "—"
             lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + f" | {ref_text} | {diff} | {versus} |")
         lines.append("")
     return "\n".join(lines)
@@ -263,10 +288,10 @@ def _import_pyplot():
 
 
 def _style(label):
-    """Line colour and style of a row: ce black dashed; A-D colours C0-C3; another criterion C4-C7, dash-dot."""
+    """Line colour and style of a row: ce black dashed; A-D colours C0-C3; other settings C4-C7, dash-dot."""
     variant, _, criterion = label.partition(" ")
     if variant == "ce":
-        return {"color": "black", "linestyle": "--"}
+        return {"color": "black" if not criterion else "dimgray", "linestyle": "--" if not criterion else ":"}
     index = VARIANT_ORDER.index(variant) - 1 if variant in VARIANT_ORDER else 4
     return {"color": f"C{(index + 4 * bool(criterion)) % 10}", "linestyle": "-." if criterion else "-"}
 

@@ -156,8 +156,9 @@ def test_evaluate_errors(tmp_path, capsys):
     assert "not a finished run" in capsys.readouterr().err
 
 
-def _metrics(path, variant, seed, acc, cluster=None):
-    config = {"dataset": "cifar10", "arch": "lenet", "double": False, "schedule_scale": 0.5, "variant": variant}
+def _metrics(path, variant, seed, acc, cluster=None, **settings):
+    config = {"dataset": "cifar10", "arch": "lenet", "double": False, "schedule_scale": 0.5, "variant": variant,
+              **settings}
     payload = {"config": config, "seed": seed, "classification_accuracy": acc}
     if cluster is not None:
         payload.update(cluster_accuracy=cluster, nmi=0.5, purity=0.6)
@@ -183,6 +184,30 @@ def test_report_table(tmp_path, capsys):
     a_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| A "))
     assert a_row.rstrip().endswith("| +5.00 (p = 0.07) |")  # Welch: t = 5 / sqrt(2/2 + 2/2) = 3.54, 2 degrees of freedom
     assert report.main([str(tmp_path / "none")]) == 2
+
+
+def test_report_keeps_other_recipes_in_rows_of_their_own_against_their_own_baseline(tmp_path, capsys):
+    for seed in (0, 1):
+        _metrics(tmp_path / "ce" / f"seed_{seed}", "ce", seed, 0.70 + 0.02 * seed, weight_decay_mode="coupled")
+        _metrics(tmp_path / "a" / f"seed_{seed}", "A", seed, 0.75 + 0.02 * seed, cluster=0.6, weight_decay_mode="coupled")
+        _metrics(tmp_path / "ce-dec" / f"seed_{seed}", "ce", seed, 0.60 + 0.02 * seed, weight_decay_mode="decoupled")
+        _metrics(tmp_path / "a-dec" / f"seed_{seed}", "A", seed, 0.61 + 0.02 * seed, cluster=0.5,
+                 weight_decay_mode="decoupled")
+        _metrics(tmp_path / "a-mcl-torch" / f"seed_{seed}", "A", seed, 0.80, cluster=0.7, criterion="mcl",
+                 init="torch")
+    assert report.main([str(tmp_path / d) for d in ("ce", "a", "ce-dec", "a-dec", "a-mcl-torch")]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert {"ce", "A", "ce decoupled-wd", "A decoupled-wd", "A mcl torch-init"} <= set(rows)
+    assert "71.00 ± 1.41" in rows["ce"] and "61.00 ± 1.41" in rows["ce decoupled-wd"]  # never averaged together
+    assert rows["A"].rstrip().endswith("| +5.00 (p = 0.07) |")  # against the coupled ce
+    assert rows["A decoupled-wd"].rstrip().endswith("| +1.00 (p = 0.55) |")  # t = 1 / sqrt(2), 2 d.f.; vs the coupled ce: -9
+    assert rows["A mcl torch-init"].rstrip().endswith("| — |")  # no ce with torch-init: no comparison
+    assert report.row_label({"variant": "ce", "criterion": "mcl", "init": "torch"}) == "ce torch-init"
+    assert report.row_label({"variant": "D"}) == "D"  # a run from before the keys existed: the defaults
+    config = {"variant": "A", "criterion": "mcl", "margin": 1.0, "head": "copy", "weight_decay_mode": "decoupled",
+              "init": "torch", "augment": True}
+    assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd torch-init augment"
+    assert report.baseline_label(config) == "ce decoupled-wd torch-init augment"
 
 
 def test_report_says_p_below_001_rather_than_p_zero(tmp_path, capsys):
