@@ -5,6 +5,7 @@ The loss-bearing tensor of a layer is its linear output (before BN/ReLU); the lo
 """
 
 import collections
+import math
 
 import keras
 from keras import layers
@@ -26,6 +27,7 @@ ARCHS = ("lenet", "alexnet")
 DEFAULT_INPUT_SHAPES = {"lenet": (32, 32, 3), "alexnet": (224, 224, 3)}
 CLASSIFIER_OUTPUT = "probabilities"
 SIDE_BRANCH_LAYERS = ("fc1_side",)
+INITS = ("keras", "torch")  # how conv and dense weights start: Keras's defaults or PyTorch's
 
 
 def output_name(tap):
@@ -52,26 +54,48 @@ def variant_loss_weights(variant):
     return {output_name(t): t.weight for t in variant_taps(variant)}
 
 
-def _lenet_trunk(x, width):
+def _initializers(init, fan_in):
+    """Kernel and bias initializers of a conv or dense layer whose units each see `fan_in` inputs.
+
+    `keras`: Keras's defaults (Glorot uniform kernel, zero bias). `torch`: PyTorch's Conv2d/Linear
+    defaults, which the paper's code (Hsu & Kira's, PyTorch) keeps: kernel and bias both uniform in
+    +-1/sqrt(fan_in) (`kaiming_uniform_` with a = sqrt(5)); the paper only says "randomly initialized".
+    """
+    if init == "keras":
+        return {}
+    bound = 1.0 / math.sqrt(fan_in)
+    return {"kernel_initializer": keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
+            "bias_initializer": keras.initializers.RandomUniform(-bound, bound)}
+
+
+def _conv(x, filters, size, name, init, **kwargs):
+    return layers.Conv2D(filters, size, name=name, **kwargs, **_initializers(init, size * size * x.shape[-1]))(x)
+
+
+def _dense(x, units, name, init):
+    return layers.Dense(units, name=name, **_initializers(init, x.shape[-1]))(x)
+
+
+def _lenet_trunk(x, width, init):
     """conv5x5(20)-BN-ReLU-pool, conv5x5(50)-BN-ReLU-pool, flatten (Hsu & Kira's LeNet)."""
     for i, filters in enumerate((20, 50), start=1):
-        x = layers.Conv2D(filters * width, 5, name=f"conv{i}")(x)
+        x = _conv(x, filters * width, 5, f"conv{i}", init)
         x = layers.BatchNormalization(name=f"conv{i}_bn")(x)
         x = layers.ReLU(name=f"conv{i}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
     return layers.Flatten(name="flatten")(x)
 
 
-def _alexnet_trunk(x, width):
+def _alexnet_trunk(x, width, init):
     """torchvision AlexNet features: 64/192/384/256/256 convs, three 3x3/2 max-pools."""
     x = layers.ZeroPadding2D(2, name="conv1_pad")(x)
-    x = layers.Conv2D(64 * width, 11, strides=4, activation="relu", name="conv1")(x)
+    x = _conv(x, 64 * width, 11, "conv1", init, strides=4, activation="relu")
     x = layers.MaxPooling2D(3, strides=2, name="pool1")(x)
-    x = layers.Conv2D(192 * width, 5, padding="same", activation="relu", name="conv2")(x)
+    x = _conv(x, 192 * width, 5, "conv2", init, padding="same", activation="relu")
     x = layers.MaxPooling2D(3, strides=2, name="pool2")(x)
-    x = layers.Conv2D(384 * width, 3, padding="same", activation="relu", name="conv3")(x)
-    x = layers.Conv2D(256 * width, 3, padding="same", activation="relu", name="conv4")(x)
-    x = layers.Conv2D(256 * width, 3, padding="same", activation="relu", name="conv5")(x)
+    x = _conv(x, 384 * width, 3, "conv3", init, padding="same", activation="relu")
+    x = _conv(x, 256 * width, 3, "conv4", init, padding="same", activation="relu")
+    x = _conv(x, 256 * width, 3, "conv5", init, padding="same", activation="relu")
     x = layers.MaxPooling2D(3, strides=2, name="pool5")(x)
     return layers.Flatten(name="flatten")(x)
 
@@ -84,7 +108,7 @@ ARCH_SPECS = {
 
 
 def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, double=False, dropout=0.5,
-                name=None):
+                name=None, init="keras"):
     """Build a clusterer (variant A-D) or classifier (`ce`) as a Functional model with dict outputs.
 
     Args:
@@ -97,6 +121,8 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
         double: bool. Double every conv's filters and every hidden fc width (Table 4). Defaults to False.
         dropout: float. AlexNet's dropout rate before fc1 and fc2. Defaults to 0.5.
         name: str. Model name. Defaults to `"<arch>_<variant>"`.
+        init: str. `"keras"` (Keras's Glorot-uniform kernels, zero biases) or `"torch"` (PyTorch's
+            layer defaults, as the paper's code had them). Defaults to `"keras"`.
 
     Returns:
         `keras.Model` whose outputs are a dict: one logits output per loss tap (e.g. `fine_fc3`,
@@ -114,6 +140,8 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
         raise ValueError(f"Unknown variant. Expected one of {', '.join(ALL_VARIANTS)}. Received: variant={variant!r}")
     if not isinstance(num_fine, int) or isinstance(num_fine, bool) or num_fine < 2:
         raise ValueError(f"num_fine must be an integer >= 2. Received: num_fine={num_fine!r}")
+    if init not in INITS:
+        raise ValueError(f"Unknown init. Expected one of {', '.join(INITS)}. Received: init={init!r}")
     taps = () if variant == CLASSIFIER_VARIANT else variant_taps(variant)
     if any(t.level == "coarse" for t in taps) and (num_coarse is None or num_coarse < 2):
         raise ValueError(f"Variant {variant} uses coarse labels: num_coarse must be >= 2. Received: {num_coarse!r}")
@@ -125,17 +153,17 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
 
     # Layers
     inputs = keras.Input(shape=input_shape, name="image")
-    features = trunk(inputs, width)
+    features = trunk(inputs, width, init)
     if fc_style == "dropout":
         features = layers.Dropout(dropout, name="fc1_dropout")(features)
     hidden = {}
-    hidden["fc1"] = layers.Dense(fc1_units * width, name="fc1")(features)
+    hidden["fc1"] = _dense(features, fc1_units * width, "fc1", init)
     x = _post_fc(hidden["fc1"], "fc1", fc_style, dropout)
-    hidden["fc2"] = layers.Dense(fc2_units * width, name="fc2")(x)
+    hidden["fc2"] = _dense(x, fc2_units * width, "fc2", init)
     x = _post_fc(hidden["fc2"], "fc2", fc_style, dropout, last=True)
-    hidden["fc3"] = layers.Dense(num_fine, name="fc3")(x)
+    hidden["fc3"] = _dense(x, num_fine, "fc3", init)
     if any(t.layer == "fc1_side" for t in taps):
-        hidden["fc1_side"] = layers.Dense(fc1_units * width, name="fc1_side")(features)
+        hidden["fc1_side"] = _dense(features, fc1_units * width, "fc1_side", init)
 
     # Functional graph
     if variant == CLASSIFIER_VARIANT:

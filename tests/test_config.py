@@ -110,6 +110,7 @@ BAD_VALUES = [
     ("steps_per_execution", True), ("steps_per_execution", "many"),
     ("embedding_sample", -1), ("embedding_sample", 1.5), ("embedding_sample", True),
     ("strategy", "ring"),
+    ("init", "glorot"), ("init", None),
     ("data_dir", 5),
     ("synthetic", [1, 2]),
 ]

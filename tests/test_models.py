@@ -153,6 +153,33 @@ def narrow_alexnet_fc(monkeypatch):
     monkeypatch.setitem(models.ARCH_SPECS, "alexnet", (trunk, (8, 8), style))
 
 
+def _fan_in(layer):
+    return int(np.prod(layer.kernel.shape[:-1]))
+
+
+def test_torch_init_draws_kernels_and_biases_from_pytorchs_uniform():
+    """init="torch": kernel and bias of every conv and dense layer uniform in +-1/sqrt(fan_in) (PyTorch's default)."""
+    keras.utils.set_random_seed(0)
+    model = build_model("lenet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE, init="torch")
+    layers = [layer for layer in model.layers if hasattr(layer, "kernel") and layer.name != "image"]
+    assert {layer.name for layer in layers} == {"conv1", "conv2", "fc1", "fc1_side", "fc2", "fc3"}
+    for layer in layers:
+        bound = 1.0 / np.sqrt(_fan_in(layer))
+        kernel, bias = (np.asarray(w) for w in (layer.kernel, layer.bias))
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, layer.name
+        assert np.abs(kernel).max() > 0.9 * bound, layer.name  # the whole interval is used
+        assert np.std(kernel) == pytest.approx(bound / np.sqrt(3), rel=0.1), layer.name  # a uniform's std
+        assert np.count_nonzero(bias) == bias.size, layer.name
+    keras.utils.set_random_seed(0)
+    default = build_model("lenet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE)
+    fc1 = default.get_layer("fc1")
+    glorot = np.sqrt(6.0 / (fc1.kernel.shape[0] + fc1.kernel.shape[1]))
+    assert np.abs(np.asarray(fc1.kernel)).max() > 1.0 / np.sqrt(_fan_in(fc1))  # Keras's: wider than torch's
+    assert np.abs(np.asarray(fc1.kernel)).max() <= glorot and not np.any(np.asarray(fc1.bias))
+    with pytest.raises(ValueError, match="Unknown init"):
+        build_model("lenet", "A", num_fine=NUM_FINE, init="he")
+
+
 def test_alexnet_layout():
     # A small input the torchvision trunk accepts (64x64 -> 1x1x256 after pool5) keeps this cheap.
     normal = build_model("alexnet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE, input_shape=(64, 64, 3))

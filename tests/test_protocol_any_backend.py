@@ -323,3 +323,22 @@ def test_a_redirected_log_has_one_line_per_epoch(tmp_path, capfd):
     assert "\r" not in out and "\x1b[" not in out
     epoch_lines = [line for line in out.splitlines() if " - " in line and "epoch_seconds" in line]
     assert len(epoch_lines) == 2, out  # one per epoch: the clustering epoch and the classification epoch
+
+
+def test_init_setting_reaches_every_model_the_protocol_builds(tmp_path, monkeypatch):
+    from keras_cwsn.training import protocol
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("init"))
+        return build_model(*args, **kwargs)
+
+    build_model = protocol.build_model
+    monkeypatch.setattr(protocol, "build_model", spy)
+    out = str(tmp_path / "run")
+    assert train.main(["--variant", "A", "--cluster-epochs", "1", "--classify-epochs", "1", "--set", "init=torch",
+                       *TINY, "--set", "embedding_sample=0", "--output-dir", out]) == 0
+    assert seen == ["torch", "torch"]  # the clusterer, then the classifier
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["init"] == "torch"

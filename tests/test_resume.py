@@ -117,6 +117,13 @@ def test_output_dir_rules(tmp_path):
                                                                      "cluster": {"learning_rate": 0.001}})
     with pytest.raises(RunError, match="variant: 'D' -> 'A'"):
         check_resume_config(str(out), {"variant": "A", "seed": 0, "cluster": {"learning_rate": 0.01}})
+    # keys added later: a saved config without one ran the way the code did before it existed
+    same = {"variant": "D", "seed": 0, "cluster": {"learning_rate": 0.01}}
+    assert check_resume_config(str(out), {**same, "init": "keras", "criterion": "kcl"}) == {}
+    with pytest.raises(RunError, match="init: 'keras' -> 'torch'"):
+        check_resume_config(str(out), {**same, "init": "torch"})
+    with pytest.raises(RunError, match="weight_decay_mode: 'decoupled' -> 'coupled'"):
+        check_resume_config(str(out), {**same, "weight_decay_mode": "coupled"})
     (out / "metrics.json").write_text("{}")
     with pytest.raises(RunError, match="finished run"):
         check_output_dir(str(out))

@@ -120,7 +120,8 @@ def hparams(config, eval_split):
              "head": config["head"], "criterion": config["criterion"], "seed": config["seed"],
              "margin": float(config["margin"]), "double": config["double"],
              "schedule_scale": float(config["schedule_scale"]), "eval_split": eval_split,
-             "precision": config["precision"]}
+             "precision": config["precision"], "weight_decay_mode": config["weight_decay_mode"],
+             "init": config["init"]}
     for phase in ("cluster", "classify"):
         settings = phase_settings(config, phase)
         found.update({f"{phase}.epochs": settings["epochs"], f"{phase}.batch_size": settings["batch_size"],

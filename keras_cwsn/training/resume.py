@@ -37,9 +37,16 @@ def _flatten(mapping, prefix=""):
     return flat
 
 
+# Keys added after runs were already being made, with what the code did before each existed: a
+# saved config without the key ran that way (so a run from before `weight_decay_mode` used
+# Keras's decoupled decay and cannot be resumed with the coupled one).
+VALUES_BEFORE_THE_KEY = {"criterion": "kcl", "weight_decay_mode": "decoupled", "init": "keras"}
+
+
 def config_changes(saved, config):
     """{dotted key: (saved, now)} for every setting that differs between two configs."""
-    old, new = _flatten(saved), _flatten(config)
+    before = {key: value for key, value in VALUES_BEFORE_THE_KEY.items() if key in config}
+    old, new = _flatten({**before, **saved}), _flatten(config)
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
