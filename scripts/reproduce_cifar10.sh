@@ -6,7 +6,11 @@
 # DATA_DIR holds train/<class>/*.jpg (unpack ../shared/data/cifar10/cifar10-train-jpg.tar.gz).
 # RUNS sets the order (variant:seed pairs; default every variant for each seed of SEEDS); COPY_TO
 # receives each finished run's small files (metrics.json, cluster_result.json, histories); ARGS are
-# more train.py flags for every run (give the runs their own TAG).
+# more train.py flags for every run (give the runs their own TAG). STREAMS=N deals the runs out
+# round-robin to N copies of this script running at once, each TensorFlow process on one thread
+# (unless TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS say otherwise), each logging to
+# OUT_DIR/stream-K.log: on 2 cores, two one-thread runs train about 1.5x the images per second of
+# one two-thread run (docs/BENCHMARKS.md, section 0). PYTHON names the interpreter (default python).
 set -uo pipefail
 data_dir=${1:?usage: $0 DATA_DIR [OUT_DIR] [SCHEDULE_SCALE] [SEEDS]}
 out=${2:-runs}
@@ -16,13 +20,32 @@ tag=${TAG:-s6}
 runs=${RUNS:-$(for s in $seeds; do for v in ce A B C D; do printf '%s:%s ' "$v" "$s"; done; done)}
 data_dir=$(realpath "$data_dir"); out=$(realpath -m "$out")   # absolute: the script changes folder
 copy_to=${COPY_TO:+$(realpath -m "$COPY_TO")}
+python=${PYTHON:-python}
+streams=${STREAMS:-1}
+case "$streams" in ''|*[!0-9]*|0) echo "error: STREAMS must be a whole number >= 1; got '$streams'" >&2; exit 2 ;; esac
+script=$(realpath "$0")
 cd "$(dirname "$0")/.."
+if [ "$streams" -gt 1 ]; then
+  parts=(); i=0
+  for pair in $runs; do parts[$((i % streams))]+="$pair "; i=$((i + 1)); done
+  mkdir -p "$out"; pids=()
+  for k in "${!parts[@]}"; do
+    echo "=== stream $k: ${parts[$k]}(log: $out/stream-$k.log)"
+    STREAMS=1 RUNS="${parts[$k]}" NO_TABLE=1 TF_NUM_INTRAOP_THREADS=${TF_NUM_INTRAOP_THREADS:-1} \
+      TF_NUM_INTEROP_THREADS=${TF_NUM_INTEROP_THREADS:-1} bash "$script" "$@" > "$out/stream-$k.log" 2>&1 &
+    pids+=($!)
+  done
+  status=0
+  for k in "${!pids[@]}"; do wait "${pids[$k]}" || { status=$?; echo "stream $k failed (exit $status): see $out/stream-$k.log" >&2; }; done
+  [ "$status" = 0 ] || exit "$status"
+  exec "$python" -m keras_cwsn.report "$out"/cifar10-lenet-"$tag"-*
+fi
 for pair in $runs; do
   variant=${pair%%:*}; seed=${pair##*:}
   run="$out/cifar10-lenet-$tag-$variant/seed_$seed"
   if [ ! -f "$run/metrics.json" ]; then
     echo "=== $(date +%T) $variant seed $seed"
-    python train.py --dataset cifar10 --data-dir "$data_dir" --variant "$variant" --seed "$seed" \
+    "$python" train.py --dataset cifar10 --data-dir "$data_dir" --variant "$variant" --seed "$seed" \
       --schedule-scale "$scale" --output-dir "$run" ${ARGS:-} || exit $?
   fi
   if [ -n "$copy_to" ]; then
@@ -31,4 +54,4 @@ for pair in $runs; do
     cp "$run"/metrics.json "$run"/*_history.csv "$dest"/ && { cp "$run"/cluster_result.json "$dest"/ 2>/dev/null || true; }
   fi
 done
-python -m keras_cwsn.report "$out"/cifar10-lenet-"$tag"-*
+[ -n "${NO_TABLE:-}" ] || "$python" -m keras_cwsn.report "$out"/cifar10-lenet-"$tag"-*
