@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -155,8 +156,6 @@ def make_cifar_tree(root, per_class=6, classes=CIFAR10_CLASSES, seed=0, splits=(
 
 def make_cifar_archive(root):
     """A CIFAR-style archive as the GPU machine gets it (train/<class>/*, here with a test/ split too)."""
-    import tarfile
-
     make_cifar_tree(os.path.join(root, "tree"), per_class=4, splits=("train", "test"))
     path = os.path.join(root, "cifar10.tar.gz")
     with tarfile.open(path, "w:gz") as tar:
