@@ -1,8 +1,11 @@
 """Timing helpers shared by the benchmark scripts (keras only, so the JAX GPU check can use them)."""
 
+import statistics
 import time
 
 import keras
+
+from pause import PauseJobs
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -48,10 +51,6 @@ def time_interleaved(calls, inputs, rounds, pause=None, per_call=1):
     Returns:
         (median ms per unit of each name, median over rounds of name's time / the reference's time).
     """
-    import statistics
-
-    from pause import PauseJobs
-
     for call in calls.values():
         call(*inputs)  # trace and warm up
     times = {name: [] for name in calls}

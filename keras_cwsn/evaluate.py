@@ -32,6 +32,9 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
     for path in (config_path, classifier_dir):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{run_dir} is not a finished run: {os.path.basename(path)} is missing.")
+    clusterer_path = os.path.join(run_dir, "clusterer.keras")
+    if confusion and not os.path.exists(clusterer_path):
+        raise FileNotFoundError(f"{run_dir} has no clusterer.keras: --confusion needs a clusterer.")
     with open(config_path) as f:
         config = json.load(f)
     with open(os.path.join(classifier_dir, "assets", ASSET_FILE)) as f:
@@ -46,7 +49,6 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
     figures = {"run": run_dir, "dataset": config["dataset"], "variant": config["variant"], "split": split,
                "num_examples": len(split_data),
                "classification_accuracy": float(np.mean(predicted == split_data.labels))}
-    clusterer_path = os.path.join(run_dir, "clusterer.keras")
     if os.path.exists(clusterer_path):
         import keras
 
@@ -62,9 +64,6 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
             names = list(split_data.info.fine_names)
             counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))
             figures["confusion"] = {"classes": names, "counts": counts.tolist()}
-    elif confusion:
-        raise FileNotFoundError(f"{run_dir} has no clusterer.keras (variant {config['variant']!r}): "
-                                f"--confusion needs a clusterer.")
     return figures
 
 

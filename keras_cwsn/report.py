@@ -7,8 +7,8 @@ Each argument is a run folder (metrics.json) or a multi-seed folder (seed_*/metr
 are grouped by dataset, network, variant, recipe settings and schedule, and reported as mean ±
 sample std (n - 1) and best over seeds, with the difference from the paper and from the
 cross-entropy baseline of the same schedule and settings (Welch's t-test p-value). A run whose
-criterion, weight decay or initialisation is not the paper's gets a row of its own, e.g. "A mcl",
-"D decoupled-wd", "ce torch-init".
+criterion, margin, head, weight decay, initialisation or augmentation is not the paper's gets a
+row of its own (ROW_SETTINGS), e.g. "A mcl", "D decoupled-wd", "ce torch-init".
 
 --plots DIR also writes, per table, two PNG figures read from the runs' per-epoch histories:
 DIR/<table>-cluster.png (clustering accuracy and NMI per epoch of the cluster phase) and
@@ -289,11 +289,11 @@ def _import_pyplot():
 
 def _style(label):
     """Line colour and style of a row: ce black dashed; A-D colours C0-C3; other settings C4-C7, dash-dot."""
-    variant, _, criterion = label.partition(" ")
+    variant, _, settings = label.partition(" ")
     if variant == "ce":
-        return {"color": "black" if not criterion else "dimgray", "linestyle": "--" if not criterion else ":"}
+        return {"color": "black" if not settings else "dimgray", "linestyle": "--" if not settings else ":"}
     index = VARIANT_ORDER.index(variant) - 1 if variant in VARIANT_ORDER else 4
-    return {"color": f"C{(index + 4 * bool(criterion)) % 10}", "linestyle": "-." if criterion else "-"}
+    return {"color": f"C{(index + 4 * bool(settings)) % 10}", "linestyle": "-." if settings else "-"}
 
 
 def _draw(ax, rows, figure):
