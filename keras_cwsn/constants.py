@@ -13,5 +13,9 @@ CRITERIA = ("kcl", "mcl")  # the clusterer's pairwise loss: KCL (the paper's) or
 FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")
 # What `tf.io.decode_image` (and Pillow) read; folders are listed with these.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# Config keys added after runs were already being made, with what the code did before each existed:
+# a saved config without the key ran that way (a run from before `weight_decay_mode` used Keras's
+# decoupled decay). Resuming and the results table both read old configs through this.
+VALUES_BEFORE_THE_KEY = {"criterion": "kcl", "weight_decay_mode": "decoupled", "init": "keras"}
 # The SavedModel asset with class names, preprocessing and training figures.
 MODEL_INFO_ASSET = "cwsn_model_info.json"

@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 from scipy import stats
 
-from keras_cwsn.constants import FIGURES
+from keras_cwsn.constants import FIGURES, VALUES_BEFORE_THE_KEY
 from keras_cwsn.errors import UserError
 
 # Table 3 of the paper (best of 5 runs): clustering accuracy %, NMI, purity, warm-start classification %.
@@ -65,8 +65,8 @@ def find_metrics(paths):
 
 # Recipe settings that put a run in a row of its own where they differ from the paper's (the
 # defaults): key -> (default, the row label's suffix for a value, whether it only concerns
-# clusterers). A run from before a key existed is read as the default (the 6- and 12-epoch tables
-# predate `weight_decay_mode`; RESULTS.md says which decay they used).
+# clusterers). A run from before a key existed is read as the code ran then (VALUES_BEFORE_THE_KEY,
+# as resuming reads it): the 6- and 12-epoch runs predate `weight_decay_mode` and used decoupled decay.
 ROW_SETTINGS = {
     "criterion": ("kcl", lambda value: value, True),
     "margin": (2.0, lambda value: f"margin-{value:g}", True),
@@ -82,7 +82,7 @@ def row_label(config):
     e.g. "A", "A mcl", "D decoupled-wd", "ce torch-init" (`ce` has no pairwise loss and no warm start)."""
     parts = [config["variant"]]
     for key, (default, suffix, clusterer_only) in ROW_SETTINGS.items():
-        value = config.get(key, default)
+        value = config.get(key, VALUES_BEFORE_THE_KEY.get(key, default))
         if value != default and not (clusterer_only and config["variant"] == "ce"):
             parts.append(suffix(value))
     return " ".join(parts)

@@ -158,7 +158,7 @@ def test_evaluate_errors(tmp_path, capsys):
 
 def _metrics(path, variant, seed, acc, cluster=None, **settings):
     config = {"dataset": "cifar10", "arch": "lenet", "double": False, "schedule_scale": 0.5, "variant": variant,
-              **settings}
+              "weight_decay_mode": "coupled", **settings}
     payload = {"config": config, "seed": seed, "classification_accuracy": acc}
     if cluster is not None:
         payload.update(cluster_accuracy=cluster, nmi=0.5, purity=0.6)
@@ -202,8 +202,11 @@ def test_report_keeps_other_recipes_in_rows_of_their_own_against_their_own_basel
     assert rows["A"].rstrip().endswith("| +5.00 (p = 0.07) |")  # against the coupled ce
     assert rows["A decoupled-wd"].rstrip().endswith("| +1.00 (p = 0.55) |")  # t = 1 / sqrt(2), 2 d.f.; vs the coupled ce: -9
     assert rows["A mcl torch-init"].rstrip().endswith("| — |")  # no ce with torch-init: no comparison
-    assert report.row_label({"variant": "ce", "criterion": "mcl", "init": "torch"}) == "ce torch-init"
-    assert report.row_label({"variant": "D"}) == "D"  # a run from before the keys existed: the defaults
+    assert report.row_label({"variant": "ce", "criterion": "mcl", "init": "torch", "weight_decay_mode": "coupled"}) \
+        == "ce torch-init"
+    # A run from before the keys existed is read as the code ran then, as resuming reads it: decoupled decay.
+    assert report.row_label({"variant": "D"}) == "D decoupled-wd"
+    assert report.row_label({"variant": "D", "weight_decay_mode": "coupled"}) == "D"
     config = {"variant": "A", "criterion": "mcl", "margin": 1.0, "head": "copy", "weight_decay_mode": "decoupled",
               "init": "torch", "augment": True}
     assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd torch-init augment"

@@ -14,7 +14,7 @@ import shutil
 import time
 
 from keras_cwsn.atomic import atomic_path, read_json, write_json_atomic
-from keras_cwsn.constants import PHASES
+from keras_cwsn.constants import PHASES, VALUES_BEFORE_THE_KEY
 from keras_cwsn.errors import RunError, one_line
 from keras_cwsn.training import workers
 from keras_cwsn.training.checkpoint import Checkpoint
@@ -35,12 +35,6 @@ def _flatten(mapping, prefix=""):
         else:
             flat[prefix + key] = value
     return flat
-
-
-# Keys added after runs were already being made, with what the code did before each existed: a
-# saved config without the key ran that way (so a run from before `weight_decay_mode` used
-# Keras's decoupled decay and cannot be resumed with the coupled one).
-VALUES_BEFORE_THE_KEY = {"criterion": "kcl", "weight_decay_mode": "decoupled", "init": "keras"}
 
 
 def config_changes(saved, config):
