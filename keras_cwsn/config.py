@@ -14,7 +14,7 @@ import yaml
 from keras_cwsn.constants import CRITERIA, EVAL_SPLITS, HEADS, PRECISIONS, STRATEGIES
 from keras_cwsn.data.registry import DATASETS, get_dataset
 from keras_cwsn.errors import UserError
-from keras_cwsn.models import ALL_VARIANTS, ARCHS, INITS
+from keras_cwsn.models import ALL_VARIANTS, ARCHS, BATCHNORMS, INITS
 from keras_cwsn.optimizers import WEIGHT_DECAY_MODES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -60,6 +60,7 @@ TOP_SCHEMA = {
     "xla": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "weight_decay_mode": (lambda v: v in WEIGHT_DECAY_MODES, f"one of {', '.join(WEIGHT_DECAY_MODES)}"),
     "init": (lambda v: v in INITS, f"one of {', '.join(INITS)}"),
+    "batchnorm": (lambda v: v in BATCHNORMS, f"one of {', '.join(BATCHNORMS)}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
     "augment": (lambda v: isinstance(v, bool), "true or false"),
@@ -84,7 +85,8 @@ DEFAULTS = {
     "variant": "D", "double": False, "margin": 2.0, "criterion": "kcl", "head": "hungarian", "schedule_scale": 1.0,
     "eval_split": "auto", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
     "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": "auto",
-    "metrics_sample": 5000, "weight_decay_mode": "coupled", "init": "keras", "embedding_sample": 500,
+    "metrics_sample": 5000, "weight_decay_mode": "coupled", "init": "keras", "batchnorm": "keras",
+    "embedding_sample": 500,
     "strategy": "auto", "synthetic": {},
 }
 

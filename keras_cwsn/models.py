@@ -28,6 +28,9 @@ DEFAULT_INPUT_SHAPES = {"lenet": (32, 32, 3), "alexnet": (224, 224, 3)}
 CLASSIFIER_OUTPUT = "probabilities"
 SIDE_BRANCH_LAYERS = ("fc1_side",)
 INITS = ("keras", "torch")  # how conv and dense weights start: Keras's defaults or PyTorch's
+# BatchNormalization (momentum, epsilon): Keras's defaults, or PyTorch's (its momentum 0.1 weighs the new
+# batch, i.e. Keras momentum 0.9; epsilon 1e-5), which the paper's code had.
+BATCHNORMS = {"keras": (0.99, 1e-3), "torch": (0.9, 1e-5)}
 
 
 def output_name(tap):
@@ -76,18 +79,23 @@ def _dense(x, units, name, init):
     return layers.Dense(units, name=name, **_initializers(init, x.shape[-1]))(x)
 
 
-def _lenet_trunk(x, width, init):
+def _batchnorm(x, name, batchnorm):
+    momentum, epsilon = BATCHNORMS[batchnorm]
+    return layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)(x)
+
+
+def _lenet_trunk(x, width, init, batchnorm):
     """conv5x5(20)-BN-ReLU-pool, conv5x5(50)-BN-ReLU-pool, flatten (Hsu & Kira's LeNet)."""
     for i, filters in enumerate((20, 50), start=1):
         x = _conv(x, filters * width, 5, f"conv{i}", init)
-        x = layers.BatchNormalization(name=f"conv{i}_bn")(x)
+        x = _batchnorm(x, f"conv{i}_bn", batchnorm)
         x = layers.ReLU(name=f"conv{i}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
     return layers.Flatten(name="flatten")(x)
 
 
-def _alexnet_trunk(x, width, init):
-    """torchvision AlexNet features: 64/192/384/256/256 convs, three 3x3/2 max-pools."""
+def _alexnet_trunk(x, width, init, batchnorm):
+    """torchvision AlexNet features: 64/192/384/256/256 convs, three 3x3/2 max-pools (no BatchNorm)."""
     x = layers.ZeroPadding2D(2, name="conv1_pad")(x)
     x = _conv(x, 64 * width, 11, "conv1", init, strides=4, activation="relu")
     x = layers.MaxPooling2D(3, strides=2, name="pool1")(x)
@@ -108,7 +116,7 @@ ARCH_SPECS = {
 
 
 def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, double=False, dropout=0.5,
-                name=None, init="keras"):
+                name=None, init="keras", batchnorm="keras"):
     """Build a clusterer (variant A-D) or classifier (`ce`) as a Functional model with dict outputs.
 
     Args:
@@ -123,6 +131,9 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
         name: str. Model name. Defaults to `"<arch>_<variant>"`.
         init: str. `"keras"` (Keras's Glorot-uniform kernels, zero biases) or `"torch"` (PyTorch's
             layer defaults, as the paper's code had them). Defaults to `"keras"`.
+        batchnorm: str. `"keras"` (momentum 0.99, epsilon 1e-3) or `"torch"` (PyTorch's defaults,
+            as the paper's code had them: momentum 0.9 in Keras's terms, epsilon 1e-5). Defaults
+            to `"keras"`.
 
     Returns:
         `keras.Model` whose outputs are a dict: one logits output per loss tap (e.g. `fine_fc3`,
@@ -142,6 +153,8 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
         raise ValueError(f"num_fine must be an integer >= 2. Received: num_fine={num_fine!r}")
     if init not in INITS:
         raise ValueError(f"Unknown init. Expected one of {', '.join(INITS)}. Received: init={init!r}")
+    if batchnorm not in BATCHNORMS:
+        raise ValueError(f"Unknown batchnorm. Expected one of {', '.join(BATCHNORMS)}. Received: batchnorm={batchnorm!r}")
     taps = () if variant == CLASSIFIER_VARIANT else variant_taps(variant)
     if any(t.level == "coarse" for t in taps) and (num_coarse is None or num_coarse < 2):
         raise ValueError(f"Variant {variant} uses coarse labels: num_coarse must be >= 2. Received: {num_coarse!r}")
@@ -153,14 +166,14 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
 
     # Layers
     inputs = keras.Input(shape=input_shape, name="image")
-    features = trunk(inputs, width, init)
+    features = trunk(inputs, width, init, batchnorm)
     if fc_style == "dropout":
         features = layers.Dropout(dropout, name="fc1_dropout")(features)
     hidden = {}
     hidden["fc1"] = _dense(features, fc1_units * width, "fc1", init)
-    x = _post_fc(hidden["fc1"], "fc1", fc_style, dropout)
+    x = _post_fc(hidden["fc1"], "fc1", fc_style, dropout, batchnorm)
     hidden["fc2"] = _dense(x, fc2_units * width, "fc2", init)
-    x = _post_fc(hidden["fc2"], "fc2", fc_style, dropout, last=True)
+    x = _post_fc(hidden["fc2"], "fc2", fc_style, dropout, batchnorm, last=True)
     hidden["fc3"] = _dense(x, num_fine, "fc3", init)
     if any(t.layer == "fc1_side" for t in taps):
         hidden["fc1_side"] = _dense(features, fc1_units * width, "fc1_side", init)
@@ -173,10 +186,10 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
     return keras.Model(inputs, outputs, name=name or f"{arch}_{variant}")
 
 
-def _post_fc(x, layer_name, fc_style, dropout, last=False):
+def _post_fc(x, layer_name, fc_style, dropout, batchnorm, last=False):
     """What follows a hidden fc layer: BN + ReLU (LeNet) or ReLU (+ dropout before the next, AlexNet)."""
     if fc_style == "bn":
-        x = layers.BatchNormalization(name=f"{layer_name}_bn")(x)
+        x = _batchnorm(x, f"{layer_name}_bn", batchnorm)
         return layers.ReLU(name=f"{layer_name}_relu")(x)
     x = layers.ReLU(name=f"{layer_name}_relu")(x)
     if not last:

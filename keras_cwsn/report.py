@@ -7,7 +7,7 @@ Each argument is a run folder (metrics.json) or a multi-seed folder (seed_*/metr
 are grouped by dataset, network, variant, recipe settings and schedule, and reported as mean ±
 sample std (n - 1) and best over seeds, with the difference from the paper and from the
 cross-entropy baseline of the same schedule and settings (Welch's t-test p-value). A run whose
-criterion, margin, head, weight decay, initialisation or augmentation is not the paper's gets a
+criterion, margin, head, weight decay, initialisation, BatchNorm or augmentation is not the paper's gets a
 row of its own (ROW_SETTINGS), e.g. "A mcl", "D decoupled-wd", "ce torch-init".
 
 --plots DIR also writes, per table, two PNG figures read from the runs' per-epoch histories:
@@ -73,6 +73,7 @@ ROW_SETTINGS = {
     "head": ("hungarian", lambda value: f"{value}-head", True),
     "weight_decay_mode": ("coupled", lambda value: f"{value}-wd", False),
     "init": ("keras", lambda value: f"{value}-init", False),
+    "batchnorm": ("keras", lambda value: f"{value}-bn", False),
     "augment": (False, lambda value: "augment", False),
 }
 

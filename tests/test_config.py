@@ -111,6 +111,7 @@ BAD_VALUES = [
     ("embedding_sample", -1), ("embedding_sample", 1.5), ("embedding_sample", True),
     ("strategy", "ring"),
     ("init", "glorot"), ("init", None),
+    ("batchnorm", "pytorch"), ("batchnorm", None),
     ("data_dir", 5),
     ("synthetic", [1, 2]),
 ]

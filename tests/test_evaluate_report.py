@@ -208,9 +208,9 @@ def test_report_keeps_other_recipes_in_rows_of_their_own_against_their_own_basel
     assert report.row_label({"variant": "D"}) == "D decoupled-wd"
     assert report.row_label({"variant": "D", "weight_decay_mode": "coupled"}) == "D"
     config = {"variant": "A", "criterion": "mcl", "margin": 1.0, "head": "copy", "weight_decay_mode": "decoupled",
-              "init": "torch", "augment": True}
-    assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd torch-init augment"
-    assert report.baseline_label(config) == "ce decoupled-wd torch-init augment"
+              "init": "torch", "batchnorm": "torch", "augment": True}
+    assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd torch-init torch-bn augment"
+    assert report.baseline_label(config) == "ce decoupled-wd torch-init torch-bn augment"
 
 
 def test_report_says_p_below_001_rather_than_p_zero(tmp_path, capsys):

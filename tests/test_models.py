@@ -180,6 +180,32 @@ def test_torch_init_draws_kernels_and_biases_from_pytorchs_uniform():
         build_model("lenet", "A", num_fine=NUM_FINE, init="he")
 
 
+@pytest.mark.parametrize("batchnorm, momentum, epsilon", [("keras", 0.99, 1e-3), ("torch", 0.9, 1e-5)])
+def test_batchnorm_setting_gives_every_bn_layer_its_momentum_and_epsilon(batchnorm, momentum, epsilon):
+    """batchnorm="torch": PyTorch's BatchNorm (running stats move by 0.1 of the batch's, epsilon 1e-5)."""
+    keras.utils.set_random_seed(0)
+    model = build_model("lenet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE, batchnorm=batchnorm)
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert {layer.name for layer in bns} == {"conv1_bn", "conv2_bn", "fc1_bn", "fc2_bn"}
+    assert all(layer.momentum == momentum and layer.epsilon == epsilon for layer in bns)
+    # One training-mode call moves conv1_bn's running mean from 0 by (1 - momentum) of the batch mean,
+    # and the inference-mode output divides by sqrt(var + epsilon), as NumPy computes them.
+    x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype("float32")
+    conv1 = np.asarray(keras.Model(model.input, model.get_layer("conv1").output)(x))
+    model(x, training=True)
+    bn = model.get_layer("conv1_bn")
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), (1 - momentum) * conv1.mean(axis=(0, 1, 2)),
+                               rtol=1e-4, atol=1e-6)
+    mean, var = np.asarray(bn.moving_mean), np.asarray(bn.moving_variance)
+    expected = np.asarray(bn.gamma) * (conv1 - mean) / np.sqrt(var + epsilon) + np.asarray(bn.beta)
+    np.testing.assert_allclose(np.asarray(bn(conv1, training=False)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_batchnorm_is_refused():
+    with pytest.raises(ValueError, match="Unknown batchnorm"):
+        build_model("lenet", "A", num_fine=NUM_FINE, batchnorm="pytorch")
+
+
 def test_alexnet_layout():
     # A small input the torchvision trunk accepts (64x64 -> 1x1x256 after pool5) keeps this cheap.
     normal = build_model("alexnet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE, input_shape=(64, 64, 3))

@@ -325,20 +325,21 @@ def test_a_redirected_log_has_one_line_per_epoch(tmp_path, capfd):
     assert len(epoch_lines) == 2, out  # one per epoch: the clustering epoch and the classification epoch
 
 
-def test_init_setting_reaches_every_model_the_protocol_builds(tmp_path, monkeypatch):
+def test_init_and_batchnorm_settings_reach_every_model_the_protocol_builds(tmp_path, monkeypatch):
     from keras_cwsn.training import protocol
 
     seen = []
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("init"))
+        seen.append((kwargs.get("init"), kwargs.get("batchnorm")))
         return build_model(*args, **kwargs)
 
     build_model = protocol.build_model
     monkeypatch.setattr(protocol, "build_model", spy)
     out = str(tmp_path / "run")
     assert train.main(["--variant", "A", "--cluster-epochs", "1", "--classify-epochs", "1", "--set", "init=torch",
-                       *TINY, "--set", "embedding_sample=0", "--output-dir", out]) == 0
-    assert seen == ["torch", "torch"]  # the clusterer, then the classifier
+                       "--set", "batchnorm=torch", *TINY, "--set", "embedding_sample=0", "--output-dir", out]) == 0
+    assert seen == [("torch", "torch")] * 2  # the clusterer, then the classifier
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["init"] == "torch"
+        saved = json.load(f)
+    assert saved["init"] == "torch" and saved["batchnorm"] == "torch"

@@ -122,6 +122,9 @@ def test_output_dir_rules(tmp_path):
     assert check_resume_config(str(out), {**same, "init": "keras", "criterion": "kcl"}) == {}
     with pytest.raises(RunError, match="init: 'keras' -> 'torch'"):
         check_resume_config(str(out), {**same, "init": "torch"})
+    assert check_resume_config(str(out), {**same, "batchnorm": "keras"}) == {}
+    with pytest.raises(RunError, match="batchnorm: 'keras' -> 'torch'"):
+        check_resume_config(str(out), {**same, "batchnorm": "torch"})
     with pytest.raises(RunError, match="weight_decay_mode: 'decoupled' -> 'coupled'"):
         check_resume_config(str(out), {**same, "weight_decay_mode": "coupled"})
     (out / "metrics.json").write_text("{}")

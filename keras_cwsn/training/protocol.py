@@ -179,7 +179,8 @@ def _build(ctx, variant, settings, phase):
     steps = steps_per_epoch(len(ctx.data.train), settings["batch_size"])
     with ctx.scope():
         model = build_model(config["arch"], variant, info.num_fine, info.num_coarse,
-                            tuple(info.image_size) + (3,), config["double"], init=config["init"])
+                            tuple(info.image_size) + (3,), config["double"], init=config["init"],
+                            batchnorm=config["batchnorm"])
         return compile_model(model, variant, build_optimizer(settings, config["weight_decay_mode"]),
                              criterion=config["criterion"],
                              margin=config["margin"], jit_compile=use_xla(config, replicas), strategy=ctx.strategy,
