@@ -85,7 +85,7 @@ DEFAULTS = {
     "variant": "D", "double": False, "margin": 2.0, "criterion": "kcl", "head": "hungarian", "schedule_scale": 1.0,
     "eval_split": "auto", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
     "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": "auto",
-    "metrics_sample": 5000, "weight_decay_mode": "coupled", "init": "keras", "batchnorm": "keras",
+    "metrics_sample": 5000, "weight_decay_mode": "coupled", "init": "torch", "batchnorm": "keras",
     "embedding_sample": 500,
     "strategy": "auto", "synthetic": {},
 }

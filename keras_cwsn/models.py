@@ -27,7 +27,7 @@ ARCHS = ("lenet", "alexnet")
 DEFAULT_INPUT_SHAPES = {"lenet": (32, 32, 3), "alexnet": (224, 224, 3)}
 CLASSIFIER_OUTPUT = "probabilities"
 SIDE_BRANCH_LAYERS = ("fc1_side",)
-INITS = ("keras", "torch")  # how conv and dense weights start: Keras's defaults or PyTorch's
+INITS = ("torch", "keras")  # how conv and dense weights start: PyTorch's defaults (the paper's) or Keras's
 # BatchNormalization (momentum, epsilon): Keras's defaults, or PyTorch's (its momentum 0.1 weighs the new
 # batch, i.e. Keras momentum 0.9; epsilon 1e-5), which the paper's code had.
 BATCHNORMS = {"keras": (0.99, 1e-3), "torch": (0.9, 1e-5)}
@@ -116,7 +116,7 @@ ARCH_SPECS = {
 
 
 def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, double=False, dropout=0.5,
-                name=None, init="keras", batchnorm="keras"):
+                name=None, init="torch", batchnorm="keras"):
     """Build a clusterer (variant A-D) or classifier (`ce`) as a Functional model with dict outputs.
 
     Args:
@@ -129,8 +129,9 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
         double: bool. Double every conv's filters and every hidden fc width (Table 4). Defaults to False.
         dropout: float. AlexNet's dropout rate before fc1 and fc2. Defaults to 0.5.
         name: str. Model name. Defaults to `"<arch>_<variant>"`.
-        init: str. `"keras"` (Keras's Glorot-uniform kernels, zero biases) or `"torch"` (PyTorch's
-            layer defaults, as the paper's code had them). Defaults to `"keras"`.
+        init: str. `"torch"` (PyTorch's layer defaults: the paper's implementation is PyTorch and its
+            weights "randomly initialized") or `"keras"` (Glorot-uniform kernels, zero biases).
+            Defaults to `"torch"`.
         batchnorm: str. `"keras"` (momentum 0.99, epsilon 1e-3) or `"torch"` (PyTorch's defaults,
             as the paper's code had them: momentum 0.9 in Keras's terms, epsilon 1e-5). Defaults
             to `"keras"`.

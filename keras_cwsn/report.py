@@ -8,7 +8,7 @@ are grouped by dataset, network, variant, recipe settings and schedule, and repo
 sample std (n - 1) and best over seeds, with the difference from the paper and from the
 cross-entropy baseline of the same schedule and settings (Welch's t-test p-value). A run whose
 criterion, margin, head, weight decay, initialisation, BatchNorm or augmentation is not the paper's gets a
-row of its own (ROW_SETTINGS), e.g. "A mcl", "D decoupled-wd", "ce torch-init".
+row of its own (ROW_SETTINGS), e.g. "A mcl", "D decoupled-wd", "ce keras-init".
 
 --plots DIR also writes, per table, two PNG figures read from the runs' per-epoch histories:
 DIR/<table>-cluster.png (clustering accuracy and NMI per epoch of the cluster phase) and
@@ -72,7 +72,7 @@ ROW_SETTINGS = {
     "margin": (2.0, lambda value: f"margin-{value:g}", True),
     "head": ("hungarian", lambda value: f"{value}-head", True),
     "weight_decay_mode": ("coupled", lambda value: f"{value}-wd", False),
-    "init": ("keras", lambda value: f"{value}-init", False),
+    "init": ("torch", lambda value: f"{value}-init", False),
     "batchnorm": ("keras", lambda value: f"{value}-bn", False),
     "augment": (False, lambda value: "augment", False),
 }
@@ -80,7 +80,7 @@ ROW_SETTINGS = {
 
 def row_label(config):
     """The table row of a run: its variant, then each setting of ROW_SETTINGS that is not the paper's,
-    e.g. "A", "A mcl", "D decoupled-wd", "ce torch-init" (`ce` has no pairwise loss and no warm start)."""
+    e.g. "A", "A mcl", "D decoupled-wd", "ce keras-init" (`ce` has no pairwise loss and no warm start)."""
     parts = [config["variant"]]
     for key, (default, suffix, clusterer_only) in ROW_SETTINGS.items():
         value = config.get(key, VALUES_BEFORE_THE_KEY.get(key, default))

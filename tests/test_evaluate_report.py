@@ -158,7 +158,7 @@ def test_evaluate_errors(tmp_path, capsys):
 
 def _metrics(path, variant, seed, acc, cluster=None, **settings):
     config = {"dataset": "cifar10", "arch": "lenet", "double": False, "schedule_scale": 0.5, "variant": variant,
-              "weight_decay_mode": "coupled", **settings}
+              "weight_decay_mode": "coupled", "init": "torch", **settings}
     payload = {"config": config, "seed": seed, "classification_accuracy": acc}
     if cluster is not None:
         payload.update(cluster_accuracy=cluster, nmi=0.5, purity=0.6)
@@ -193,24 +193,25 @@ def test_report_keeps_other_recipes_in_rows_of_their_own_against_their_own_basel
         _metrics(tmp_path / "ce-dec" / f"seed_{seed}", "ce", seed, 0.60 + 0.02 * seed, weight_decay_mode="decoupled")
         _metrics(tmp_path / "a-dec" / f"seed_{seed}", "A", seed, 0.61 + 0.02 * seed, cluster=0.5,
                  weight_decay_mode="decoupled")
-        _metrics(tmp_path / "a-mcl-torch" / f"seed_{seed}", "A", seed, 0.80, cluster=0.7, criterion="mcl",
-                 init="torch")
-    assert report.main([str(tmp_path / d) for d in ("ce", "a", "ce-dec", "a-dec", "a-mcl-torch")]) == 0
+        _metrics(tmp_path / "a-mcl-keras" / f"seed_{seed}", "A", seed, 0.80, cluster=0.7, criterion="mcl",
+                 init="keras")
+    assert report.main([str(tmp_path / d) for d in ("ce", "a", "ce-dec", "a-dec", "a-mcl-keras")]) == 0
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
-    assert {"ce", "A", "ce decoupled-wd", "A decoupled-wd", "A mcl torch-init"} <= set(rows)
+    assert {"ce", "A", "ce decoupled-wd", "A decoupled-wd", "A mcl keras-init"} <= set(rows)
     assert "71.00 ± 1.41" in rows["ce"] and "61.00 ± 1.41" in rows["ce decoupled-wd"]  # never averaged together
     assert rows["A"].rstrip().endswith("| +5.00 (p = 0.07) |")  # against the coupled ce
     assert rows["A decoupled-wd"].rstrip().endswith("| +1.00 (p = 0.55) |")  # t = 1 / sqrt(2), 2 d.f.; vs the coupled ce: -9
-    assert rows["A mcl torch-init"].rstrip().endswith("| — |")  # no ce with torch-init: no comparison
-    assert report.row_label({"variant": "ce", "criterion": "mcl", "init": "torch", "weight_decay_mode": "coupled"}) \
-        == "ce torch-init"
-    # A run from before the keys existed is read as the code ran then, as resuming reads it: decoupled decay.
-    assert report.row_label({"variant": "D"}) == "D decoupled-wd"
-    assert report.row_label({"variant": "D", "weight_decay_mode": "coupled"}) == "D"
+    assert rows["A mcl keras-init"].rstrip().endswith("| — |")  # no ce with keras-init: no comparison
+    assert report.row_label({"variant": "ce", "criterion": "mcl", "init": "keras", "weight_decay_mode": "coupled"}) \
+        == "ce keras-init"
+    # A run from before the keys existed is read as the code ran then, as resuming reads it: decoupled decay,
+    # Keras's initialisation.
+    assert report.row_label({"variant": "D"}) == "D decoupled-wd keras-init"
+    assert report.row_label({"variant": "D", "weight_decay_mode": "coupled", "init": "torch"}) == "D"
     config = {"variant": "A", "criterion": "mcl", "margin": 1.0, "head": "copy", "weight_decay_mode": "decoupled",
-              "init": "torch", "batchnorm": "torch", "augment": True}
-    assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd torch-init torch-bn augment"
-    assert report.baseline_label(config) == "ce decoupled-wd torch-init torch-bn augment"
+              "init": "keras", "batchnorm": "torch", "augment": True}
+    assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd keras-init torch-bn augment"
+    assert report.baseline_label(config) == "ce decoupled-wd keras-init torch-bn augment"
 
 
 def test_report_says_p_below_001_rather_than_p_zero(tmp_path, capsys):

@@ -158,7 +158,7 @@ def _fan_in(layer):
 
 
 def test_torch_init_draws_kernels_and_biases_from_pytorchs_uniform():
-    """init="torch": kernel and bias of every conv and dense layer uniform in +-1/sqrt(fan_in) (PyTorch's default)."""
+    """init="torch" (the default): kernel and bias of every conv and dense layer uniform in +-1/sqrt(fan_in) (PyTorch's default)."""
     keras.utils.set_random_seed(0)
     model = build_model("lenet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE, init="torch")
     layers = [layer for layer in model.layers if hasattr(layer, "kernel") and layer.name != "image"]
@@ -171,8 +171,11 @@ def test_torch_init_draws_kernels_and_biases_from_pytorchs_uniform():
         assert np.std(kernel) == pytest.approx(bound / np.sqrt(3), rel=0.1), layer.name  # a uniform's std
         assert np.count_nonzero(bias) == bias.size, layer.name
     keras.utils.set_random_seed(0)
-    default = build_model("lenet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE)
-    fc1 = default.get_layer("fc1")
+    default = build_model("lenet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE)  # the default is PyTorch's
+    np.testing.assert_array_equal(np.asarray(default.get_layer("fc1").kernel), np.asarray(model.get_layer("fc1").kernel))
+    keras.utils.set_random_seed(0)
+    glorot_model = build_model("lenet", "D", num_fine=NUM_FINE, num_coarse=NUM_COARSE, init="keras")
+    fc1 = glorot_model.get_layer("fc1")
     glorot = np.sqrt(6.0 / (fc1.kernel.shape[0] + fc1.kernel.shape[1]))
     assert np.abs(np.asarray(fc1.kernel)).max() > 1.0 / np.sqrt(_fan_in(fc1))  # Keras's: wider than torch's
     assert np.abs(np.asarray(fc1.kernel)).max() <= glorot and not np.any(np.asarray(fc1.bias))

@@ -337,9 +337,9 @@ def test_init_and_batchnorm_settings_reach_every_model_the_protocol_builds(tmp_p
     build_model = protocol.build_model
     monkeypatch.setattr(protocol, "build_model", spy)
     out = str(tmp_path / "run")
-    assert train.main(["--variant", "A", "--cluster-epochs", "1", "--classify-epochs", "1", "--set", "init=torch",
+    assert train.main(["--variant", "A", "--cluster-epochs", "1", "--classify-epochs", "1", "--set", "init=keras",
                        "--set", "batchnorm=torch", *TINY, "--set", "embedding_sample=0", "--output-dir", out]) == 0
-    assert seen == [("torch", "torch")] * 2  # the clusterer, then the classifier
+    assert seen == [("keras", "torch")] * 2  # the clusterer, then the classifier (neither the default)
     with open(os.path.join(out, "config.json")) as f:
         saved = json.load(f)
-    assert saved["init"] == "torch" and saved["batchnorm"] == "torch"
+    assert saved["init"] == "keras" and saved["batchnorm"] == "torch"

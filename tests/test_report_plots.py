@@ -25,7 +25,8 @@ def write_run(path, variant, seed, cluster=None, classify=None, criterion=None, 
     """
     os.makedirs(path, exist_ok=True)
     config = {"dataset": "cifar10", "arch": "lenet", "double": False, "schedule_scale": 0.5, "variant": variant,
-              "eval_split": "val", "weight_decay_mode": "coupled"}
+              "eval_split": "val", "weight_decay_mode": "coupled",
+              "init": "torch"}
     if criterion is not None:
         config["criterion"] = criterion
     acc = classify[-1] if classify else acc
