@@ -92,8 +92,11 @@ def check_resume_config(output_dir, config):
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        flags = " ".join(f"--set {k}={a if isinstance(a, str) else json.dumps(a)}"
+                         for k, (a, _) in refused.items() if a is not None)
         raise RunError(f"{output_dir} holds a run started with other settings ({listed}); rerun with the same "
-                       f"settings to resume it, pass --overwrite to start over, or choose another --output-dir.")
+                       f"settings to resume it ({flags}), pass --overwrite to start over, or choose another "
+                       f"--output-dir.")
     return changes
 
 
