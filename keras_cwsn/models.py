@@ -29,7 +29,8 @@ CLASSIFIER_OUTPUT = "probabilities"
 SIDE_BRANCH_LAYERS = ("fc1_side",)
 INITS = ("torch", "keras")  # how conv and dense weights start: PyTorch's defaults (the paper's) or Keras's
 # BatchNormalization (momentum, epsilon): Keras's defaults, or PyTorch's (its momentum 0.1 weighs the new
-# batch, i.e. Keras momentum 0.9; epsilon 1e-5), which the paper's code had.
+# batch, i.e. Keras momentum 0.9; epsilon 1e-5), which the paper's code had. PyTorch's running variance
+# also takes the unbiased batch variance (n / (n - 1)), Keras's the biased one: that difference stays.
 BATCHNORMS = {"keras": (0.99, 1e-3), "torch": (0.9, 1e-5)}
 
 

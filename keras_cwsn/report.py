@@ -288,19 +288,27 @@ def _import_pyplot():
     return plt
 
 
-def _style(label):
-    """Line colour and style of a row: ce black dashed; A-D colours C0-C3; other settings C4-C7, dash-dot."""
-    variant, _, settings = label.partition(" ")
-    if variant == "ce":
-        return {"color": "black" if not settings else "dimgray", "linestyle": "--" if not settings else ":"}
-    index = VARIANT_ORDER.index(variant) - 1 if variant in VARIANT_ORDER else 4
-    return {"color": f"C{(index + 4 * bool(settings)) % 10}", "linestyle": "-." if settings else "-"}
+def _styles(labels):
+    """Line colour and style of each row of a table, all distinct: a variant keeps its colour (ce black,
+    A-D C0-C3) for its first settings suffix, in order of fewest settings, and each further suffix
+    shifts the colour by 4 and changes the line (ce: grey and dotted)."""
+    suffixes = sorted({label.partition(" ")[2] for label in labels}, key=lambda s: (len(s.split()), s))
+    styles = {}
+    for label in labels:
+        variant, _, settings = label.partition(" ")
+        k = suffixes.index(settings)
+        if variant == "ce":
+            styles[label] = {"color": ("black", "dimgray", "darkgray")[k % 3], "linestyle": ("--", ":", (0, (5, 1, 1, 1)))[k % 3]}
+        else:
+            index = VARIANT_ORDER.index(variant) - 1 if variant in VARIANT_ORDER else 4
+            styles[label] = {"color": f"C{(index + 4 * k) % 10}", "linestyle": ("-", "-.", ":")[k % 3]}
+    return styles
 
 
-def _draw(ax, rows, figure):
+def _draw(ax, rows, figure, styles):
     for label, (agg, n) in rows.items():
         x = agg["epoch"] + 1  # after epoch 1, 2, ...
-        style = _style(label)
+        style = styles[label]
         name = "ce (baseline)" if label == "ce" else label
         ax.plot(x, agg["mean"], marker="o", markersize=3, label=f"{name} ({n} seed{'s' if n > 1 else ''})",
                 **style)
@@ -320,17 +328,18 @@ def make_figures(table_key, curves, split="val"):
     title = f"{dataset} / {arch}{' (double)' if double else ''}, schedule_scale {scale:g}"
     spread = "line: mean over seeds, band: min-max"
     figures = {}
+    styles = _styles({label for rows in curves.values() for label in rows})  # the same in both figures
     if curves["cluster_accuracy"] or curves["nmi"]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, figure in zip(axes, ("cluster_accuracy", "nmi")):
-            _draw(ax, curves[figure], figure)
+            _draw(ax, curves[figure], figure, styles)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{title}\ncluster phase, {split} split ({spread})", fontsize=10)
         fig.tight_layout()
         figures["cluster"] = fig
     if curves["classification_accuracy"]:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        _draw(ax, curves["classification_accuracy"], "classification_accuracy")
+        _draw(ax, curves["classification_accuracy"], "classification_accuracy", styles)
         ax.legend(fontsize=8)
         fig.suptitle(f"{title}\nwarm start vs ce, {split} split ({spread})", fontsize=10)
         fig.tight_layout()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CIFAR-10 / LeNet reproduction of docs/RESULTS.md: every variant x seed with one schedule,
-# skipping runs that already finished (and resuming an interrupted one), then the table.
+# The CIFAR-10 / LeNet reproduction of docs/RESULTS.md: every variant x seed with one schedule and
+# today's defaults (ARGS="--set init=keras" for the rows labelled keras-init), skipping runs that
+# already finished (and resuming an interrupted one), then the table.
 #   [TAG=s6] [RUNS="C:0 A:0 ce:0 ..."] [COPY_TO=results] [ARGS="--criterion mcl"] \
 #     scripts/reproduce_cifar10.sh DATA_DIR [OUT_DIR] [SCHEDULE_SCALE] [SEEDS]
 # DATA_DIR holds train/<class>/*.jpg (unpack ../shared/data/cifar10/cifar10-train-jpg.tar.gz).

@@ -221,3 +221,12 @@ def test_report_says_p_below_001_rather_than_p_zero(tmp_path, capsys):
     assert report.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
     a_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| A "))
     assert a_row.rstrip().endswith("| +10.03 (p < 0.01) |")
+
+
+def test_a_run_with_the_default_settings_gets_the_plain_row():
+    """ROW_SETTINGS' defaults are the config's: a run made with today's defaults is the paper's row ("A")."""
+    from keras_cwsn.config import DEFAULTS
+
+    for key, (default, _, _) in report.ROW_SETTINGS.items():
+        assert DEFAULTS[key] == default, key
+    assert report.row_label({**DEFAULTS, "variant": "A"}) == "A" and DEFAULTS["init"] == "torch"

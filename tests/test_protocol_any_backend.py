@@ -235,6 +235,7 @@ def test_hparams_and_final_figures_reach_tensorboard(finished_run):
     assert hparams["variant"] == "C" and hparams["criterion"] == "kcl" and hparams["seed"] == 3
     assert hparams["cluster.epochs"] == 2 and hparams["classify.batch_size"] == 16
     assert hparams["eval_split"] == "test" and hparams["margin"] == 2.0
+    assert hparams["init"] == "torch" and hparams["batchnorm"] == "keras" and hparams["weight_decay_mode"] == "coupled"
     figures = _figures(finished_run)
     for key in ("cluster_accuracy", "classification_accuracy"):
         value = float(tf_value(events.Tensors(f"final/{key}")[0].tensor_proto))

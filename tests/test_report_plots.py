@@ -126,6 +126,7 @@ def test_plotted_lines_are_the_aggregates(runs):
             np.testing.assert_allclose(line.get_ydata(), agg["mean"])
     lines = figures["classify"].axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["ce (baseline) (2 seeds)", "A (2 seeds)", "A mcl (1 seed)"]
+    assert len({(line.get_color(), str(line.get_linestyle())) for line in lines}) == len(lines)
     np.testing.assert_allclose(lines[0].get_ydata(), [52.0, 61.0, 69.0])
     assert lines[0].get_linestyle() == "--"
     for fig in figures.values():
@@ -190,3 +191,14 @@ def test_report_with_plots_loads_no_tensorflow(runs, tmp_path):
     line = [line for line in done.stdout.splitlines() if line.startswith("RESULTS")]
     assert done.returncode == 0 and line, done.stderr[-2000:]
     assert line[-1] == "RESULTS 0 False"
+
+
+@pytest.mark.parametrize("labels", [
+    ["ce keras-init", "A keras-init", "A mcl keras-init", "D keras-init", "D mcl keras-init"],  # every row suffixed
+    ["ce", "A", "A keras-init", "C", "C keras-init", "ce keras-init"],
+])
+def test_every_row_of_a_table_gets_its_own_line_style(labels):
+    styles = report._styles(labels)
+    assert len({(s["color"], str(s["linestyle"])) for s in styles.values()}) == len(labels)
+    plain = labels[1]  # the fewest settings: the variant's own colour, solid
+    assert styles[plain] == {"color": "C0", "linestyle": "-"}

@@ -202,3 +202,19 @@ def test_unreadable_checkpoint_format_is_named(tmp_path):
     with pytest.raises(RunError, match="its checkpoint is missing"):
         read_resume_epoch(str(backup), tf.distribute.get_strategy())
     assert read_resume_epoch(str(tmp_path / "nothing"), tf.distribute.get_strategy()) == 0
+
+
+@pytest.mark.parametrize("key, value", [("init", "keras"), ("margin", 2.0), ("cluster.weight_decay", 1e-05),
+                                        ("double", True), ("seed", 3), ("cluster.lr_milestones", [25, 50, 75]),
+                                        ("synthetic", {"noise": 0.5, "train_size": 60})])
+def test_the_refusal_names_a_set_flag_that_gives_the_saved_value_back(key, value):
+    """What the refusal tells a user to pass is read by train.py's --set (YAML) as the saved value."""
+    import shlex
+
+    import yaml
+
+    from keras_cwsn.training.resume import _set_flag
+
+    flag, item = shlex.split(_set_flag(key, value))  # two words, as a shell passes them to train.py
+    assert flag == "--set" and item.partition("=")[0] == key
+    assert yaml.safe_load(item.partition("=")[2]) == value

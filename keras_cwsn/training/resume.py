@@ -10,8 +10,11 @@ every epoch's order is seeded by (seed, phase, epoch) (`seeds.epoch_order`).
 import csv
 import json
 import os
+import shlex
 import shutil
 import time
+
+import yaml
 
 from keras_cwsn.atomic import atomic_path, read_json, write_json_atomic
 from keras_cwsn.constants import PHASES, VALUES_BEFORE_THE_KEY
@@ -76,6 +79,13 @@ def has_progress(output_dir):
     return any(os.path.exists(os.path.join(output_dir, m)) for m in marks)
 
 
+def _set_flag(key, value):
+    """The `--set KEY=VALUE` that gives `key` this value (train.py parses the value as YAML), shell-quoted."""
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True, width=1 << 16)
+    text = text.removesuffix("\n...\n").strip()
+    return f"--set {shlex.quote(f'{key}={text}')}"
+
+
 def check_resume_config(output_dir, config):
     """Refuse to resume a run under a config that changes what it computes; returns the allowed changes."""
     path = os.path.join(output_dir, "config.json")
@@ -92,11 +102,10 @@ def check_resume_config(output_dir, config):
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        flags = " ".join(f"--set {k}={a if isinstance(a, str) else json.dumps(a)}"
-                         for k, (a, _) in refused.items() if a is not None)
+        flags = " ".join(_set_flag(k, a) for k, (a, _) in refused.items() if a is not None)
         raise RunError(f"{output_dir} holds a run started with other settings ({listed}); rerun with the same "
-                       f"settings to resume it ({flags}), pass --overwrite to start over, or choose another "
-                       f"--output-dir.")
+                       f"settings to resume it{f' ({flags})' if flags else ''}, pass --overwrite to start over, "
+                       f"or choose another --output-dir.")
     return changes
 
 
