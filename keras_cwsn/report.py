@@ -298,7 +298,8 @@ def _styles(labels):
         variant, _, settings = label.partition(" ")
         k = suffixes.index(settings)
         if variant == "ce":
-            styles[label] = {"color": ("black", "dimgray", "darkgray")[k % 3], "linestyle": ("--", ":", (0, (5, 1, 1, 1)))[k % 3]}
+            styles[label] = {"color": ("black", "dimgray", "darkgray")[k % 3],
+                             "linestyle": ("--", ":", (0, (5, 1, 1, 1)))[k % 3]}
         else:
             index = VARIANT_ORDER.index(variant) - 1 if variant in VARIANT_ORDER else 4
             styles[label] = {"color": f"C{(index + 4 * k) % 10}", "linestyle": ("-", "-.", ":")[k % 3]}

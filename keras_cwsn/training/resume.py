@@ -81,8 +81,7 @@ def has_progress(output_dir):
 
 def _set_flag(key, value):
     """The `--set KEY=VALUE` that gives `key` this value (train.py parses the value as YAML), shell-quoted."""
-    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True, width=1 << 16)
-    text = text.removesuffix("\n...\n").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).removesuffix("\n...\n").strip()
     return f"--set {shlex.quote(f'{key}={text}')}"
 
 
