@@ -1,4 +1,4 @@
-"""Evaluate a finished run's exported classifier and clusterer on any folder of class sub-folders.
+"""Evaluate a run's exported classifier and clusterer on any folder of class sub-folders.
 
     python -m keras_cwsn.evaluate RUN --data-dir DIR --split test [--json] [--confusion]
 
@@ -6,6 +6,8 @@ The classifier is the SavedModel (raw uint8 images in, preprocessing inside); th
 `clusterer.keras`, fed with the run's own training statistics, and its clusters are mapped to
 classes with the Hungarian mapping found on the run's training split (`cluster_result.json`).
 `--confusion` adds the class x mapped-cluster counts, to tell merged clusters from scattered errors.
+A run whose clustering phase has finished can be evaluated while its classifier still trains: the
+figures are then the clusterer's alone.
 """
 
 import argparse
@@ -15,7 +17,10 @@ import sys
 
 
 def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion=False):
-    """Classification accuracy and clustering figures of a finished run on a split; returns a dict.
+    """Classification accuracy and clustering figures of a run on a split; returns a dict.
+
+    A run still in its classification phase gives its clusterer's figures alone (no
+    "classification_accuracy"); a run with neither a classifier nor a finished clusterer is refused.
 
     With `confusion`, also "confusion": {"classes": names, "counts": [[...]]}, rows the true class
     and columns the class each cluster is mapped to (needs the run's clusterer).
@@ -24,32 +29,36 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
     import tensorflow as tf
 
     from keras_cwsn import data as data_lib
-    from keras_cwsn.export import ASSET_FILE
     from keras_cwsn.metrics import cluster_confusion, clustering_report, predict_clusters
 
     config_path = os.path.join(run_dir, "config.json")
     classifier_dir = os.path.join(run_dir, "classifier")
-    for path in (config_path, classifier_dir):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{run_dir} is not a finished run: {os.path.basename(path)} is missing.")
     clusterer_path = os.path.join(run_dir, "clusterer.keras")
-    if confusion and not os.path.exists(clusterer_path):
-        raise FileNotFoundError(f"{run_dir} has no clusterer.keras: --confusion needs a clusterer.")
+    clusterer_done = all(os.path.exists(os.path.join(run_dir, name))
+                         for name in ("clusterer.keras", "cluster_result.json"))  # written in this order
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{run_dir} is not a run folder: config.json is missing.")
+    if not os.path.exists(classifier_dir) and not clusterer_done:
+        raise FileNotFoundError(f"{run_dir} is not a finished run: classifier/ is missing, and so is a finished "
+                                "clusterer (clusterer.keras and cluster_result.json).")
+    if confusion and not clusterer_done:
+        raise FileNotFoundError(f"{run_dir} has no finished clusterer (clusterer.keras and cluster_result.json): "
+                                "--confusion needs a clusterer.")
     with open(config_path) as f:
         config = json.load(f)
-    with open(os.path.join(classifier_dir, "assets", ASSET_FILE)) as f:
-        stats = json.load(f)["preprocessing"]
     split_data = data_lib.load_split(config["dataset"], split, data_dir=data_dir or config["data_dir"],
                                      val_per_class=config["val_per_class"], synthetic=config["synthetic"])
-    serve = tf.saved_model.load(classifier_dir).signatures["serving_default"]
-    predicted = np.concatenate([
-        serve(images=tf.cast(images, tf.uint8))["class_ids"].numpy()
-        for images in split_data.dataset.map(lambda x, y: x).batch(batch_size)
-    ])
+    stats = run_stats(run_dir, config)
     figures = {"run": run_dir, "dataset": config["dataset"], "variant": config["variant"], "split": split,
-               "num_examples": len(split_data),
-               "classification_accuracy": float(np.mean(predicted == split_data.labels))}
-    if os.path.exists(clusterer_path):
+               "num_examples": len(split_data)}
+    if os.path.exists(classifier_dir):
+        serve = tf.saved_model.load(classifier_dir).signatures["serving_default"]
+        predicted = np.concatenate([
+            serve(images=tf.cast(images, tf.uint8))["class_ids"].numpy()
+            for images in split_data.dataset.map(lambda x, y: x).batch(batch_size)
+        ])
+        figures["classification_accuracy"] = float(np.mean(predicted == split_data.labels))
+    if clusterer_done:
         import keras
 
         import keras_cwsn.losses  # noqa: F401  registers PairwiseKLLoss
@@ -65,6 +74,27 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
             counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))
             figures["confusion"] = {"classes": names, "counts": counts.tolist()}
     return figures
+
+
+def run_stats(run_dir, config):
+    """The run's preprocessing statistics: from its exported classifier, its preprocessing.json, or, for a
+    run that has written neither yet (an older run still in its classification phase), recomputed from its
+    training split as the run loaded it."""
+    from keras_cwsn import data as data_lib
+    from keras_cwsn.export import ASSET_FILE
+
+    asset = os.path.join(run_dir, "classifier", "assets", ASSET_FILE)
+    if os.path.exists(asset):
+        with open(asset) as f:
+            return json.load(f)["preprocessing"]
+    saved = os.path.join(run_dir, "preprocessing.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            return json.load(f)
+    held_out = config["val_per_class"] if data_lib.resolve_eval_split(config) == "val" else 0
+    train = data_lib.load_split(config["dataset"], "train", data_dir=config["data_dir"], verbose=False,
+                                val_per_class=held_out, synthetic=config["synthetic"])
+    return data_lib.preprocessing_stats(train, verbose=False)
 
 
 def confusion_text(confusion):
@@ -93,7 +123,7 @@ def confusion_text(confusion):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_cwsn.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a finished run folder (holds metrics.json, classifier/, config.json)")
+    parser.add_argument("run", help="a run folder whose classifier/ or clusterer (clusterer.keras, cluster_result.json) is finished")
     parser.add_argument("--data-dir", default=None, help="folder with <split>/<class>/*; default: the run's")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -153,7 +153,7 @@ def test_evaluate_confusion_needs_a_clusterer(cifar_run, tmp_path, capsys):
 
 def test_evaluate_errors(tmp_path, capsys):
     assert evaluate.main([str(tmp_path)]) == 2
-    assert "not a finished run" in capsys.readouterr().err
+    assert "not a run folder: config.json is missing" in capsys.readouterr().err
 
 
 def _metrics(path, variant, seed, acc, cluster=None, **settings):

@@ -82,6 +82,7 @@ def test_resumed_classification_keeps_restored_weights(tmp_path, monkeypatch):
             train.main(args + ["--output-dir", str(out)])
     assert json.loads((out / "backup" / "classify" / "training_metadata.json").read_text())["epoch"] == 2
     assert (out / "cluster_result.json").exists() and not (out / "backup" / "cluster").exists()
+    _assert_the_clusterer_evaluates_while_the_classifier_trains(out, tmp_path, _metrics(tmp_path / "reference"))
 
     copies = []
     original = training.ResumableWarmStart.on_train_begin
@@ -98,6 +99,27 @@ def test_resumed_classification_keeps_restored_weights(tmp_path, monkeypatch):
     assert resumed["warm_start"] == reference["warm_start"]
     _assert_same_history(_history(out / "classify_history.csv"),
                          _history(tmp_path / "reference" / "classify_history.csv"))
+
+
+def _assert_the_clusterer_evaluates_while_the_classifier_trains(run_dir, tmp_path, reference):
+    """evaluate gives a run in its classification phase the clusterer's finished figures, with the statistics the
+    cluster phase saved, or, for a run from before it saved them, recomputed from the training split."""
+    import shutil
+
+    from keras_cwsn import evaluate
+
+    assert not (run_dir / "classifier").exists() and (run_dir / "preprocessing.json").exists()
+    older = tmp_path / "older-run"
+    shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns("preprocessing.json", "backup", "logs"))
+    for folder in (run_dir, older):
+        figures = evaluate.evaluate_run(str(folder), None, reference["eval_split"], confusion=True)
+        assert "classification_accuracy" not in figures
+        for key in ("cluster_accuracy", "nmi", "purity"):
+            assert figures[key] == pytest.approx(reference[key], abs=1e-6), (folder.name, key)
+        assert np.trace(figures["confusion"]["counts"]) == round(reference["cluster_accuracy"] * reference["num_eval"])
+    (older / "cluster_result.json").unlink()  # a clusterer whose phase did not finish is no result
+    with pytest.raises(FileNotFoundError, match="classifier/ is missing, and so is a finished clusterer"):
+        evaluate.evaluate_run(str(older), None, reference["eval_split"])
 
 
 def test_output_dir_rules(tmp_path):

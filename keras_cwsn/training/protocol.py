@@ -147,6 +147,7 @@ def cluster_phase(ctx):
                       "seconds": round(time.time() - t0, 2)}
     with records.writing("the clusterer", clusterer_path):
         records.save_keras_atomic(clusterer, clusterer_path)
+        write_json_atomic(os.path.join(out, "preprocessing.json"), data.stats)  # evaluate reads the clusterer with it
         write_json_atomic(done_path, cluster_result)  # written last: marks the phase finished
     if workers.num_workers(ctx.strategy) == 1:  # other workers may still need it to agree on a resume point
         shutil.rmtree(os.path.join(out, "backup", "cluster"), ignore_errors=True)
