@@ -1,11 +1,12 @@
 """Evaluate a run's exported classifier and clusterer on any folder of class sub-folders.
 
-    python -m keras_cwsn.evaluate RUN --data-dir DIR --split test [--json] [--confusion]
+    python -m keras_cwsn.evaluate RUN --data-dir DIR --split test [--json] [--confusion] [--probe A,B]
 
 The classifier is the SavedModel (raw uint8 images in, preprocessing inside); the clusterer is
 `clusterer.keras`, fed with the run's own training statistics, and its clusters are mapped to
 classes with the Hungarian mapping found on the run's training split (`cluster_result.json`).
-`--confusion` adds the class x mapped-cluster counts, to tell merged clusters from scattered errors.
+`--confusion` adds the class x mapped-cluster counts, to tell merged clusters from scattered errors;
+`--probe A,B` then asks whether the clusterer's hidden layers still tell two merged classes apart.
 A run whose clustering phase has finished can be evaluated while its classifier still trains: the
 figures are then the clusterer's alone.
 """
@@ -16,7 +17,7 @@ import os
 import sys
 
 
-def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion=False):
+def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion=False, probe=None):
     """Classification accuracy and clustering figures of a run on a split; returns a dict.
 
     A run still in its classification phase gives its clusterer's figures alone (no
@@ -24,6 +25,9 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
 
     With `confusion`, also "confusion": {"classes": names, "counts": [[...]]}, rows the true class
     and columns the class each cluster is mapped to (needs the run's clusterer).
+    With `probe` (two class names), also "probe": {"classes": [a, b], "layers": {layer: {"train": acc,
+    split: acc}}}: a linear probe of the two classes on each hidden fc layer of the clusterer
+    (`metrics.pair_separability`), fitted on the run's training split.
     """
     import numpy as np
     import tensorflow as tf
@@ -41,13 +45,15 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
     if not os.path.exists(classifier_dir) and not clusterer_done:
         raise FileNotFoundError(f"{run_dir} is not a finished run: classifier/ is missing, and so is a finished "
                                 "clusterer (clusterer.keras and cluster_result.json).")
-    if confusion and not clusterer_done:
-        raise FileNotFoundError(f"{run_dir} has no finished clusterer (clusterer.keras and cluster_result.json): "
-                                "--confusion needs a clusterer.")
+    for wanted, flag in ((confusion, "--confusion"), (probe, "--probe")):
+        if wanted and not clusterer_done:
+            raise FileNotFoundError(f"{run_dir} has no finished clusterer (clusterer.keras and cluster_result.json): "
+                                    f"{flag} needs a clusterer.")
     with open(config_path) as f:
         config = json.load(f)
     split_data = data_lib.load_split(config["dataset"], split, data_dir=data_dir or config["data_dir"],
                                      val_per_class=config["val_per_class"], synthetic=config["synthetic"])
+    pair = _class_ids(probe, split_data.info.fine_names) if probe else None
     stats = run_stats(run_dir, config)
     figures = {"run": run_dir, "dataset": config["dataset"], "variant": config["variant"], "split": split,
                "num_examples": len(split_data)}
@@ -73,7 +79,61 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
             names = list(split_data.info.fine_names)
             counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))
             figures["confusion"] = {"classes": names, "counts": counts.tolist()}
+        if pair:
+            figures["probe"] = _probe(clusterer, pair, config, stats, split_data, batch_size)
     return figures
+
+
+def _class_ids(names, known):
+    known = list(known)
+    if len(names) != 2 or names[0] == names[1]:
+        raise ValueError(f"--probe takes two different class names; received {list(names)}.")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"Unknown class {', '.join(map(repr, unknown))} for --probe; classes: {', '.join(known)}.")
+    return [known.index(n) for n in names]
+
+
+def _probe(clusterer, pair, config, stats, split_data, batch_size):
+    """Linear separability of two classes on each hidden fc layer (the ReLU outputs of rank 2)."""
+    import dataclasses
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_cwsn import data as data_lib
+    from keras_cwsn.metrics import pair_separability
+
+    wanted = tf.constant(pair, tf.int64)
+    hidden = [layer.name for layer in clusterer.layers if layer.name.endswith("_relu") and len(layer.output.shape) == 2]
+    features = keras.Model(clusterer.input, [clusterer.get_layer(name).output for name in hidden])
+    sides = {}
+    for side, split in (("train", _training_split(config)), ("eval", split_data)):
+        keep = np.isin(split.labels, pair)
+        dataset = split.dataset.filter(lambda image, label: tf.reduce_any(tf.equal(label, wanted))).apply(
+            tf.data.experimental.assert_cardinality(int(keep.sum())))  # so predict knows where it ends
+        subset = dataclasses.replace(split, dataset=dataset, labels=split.labels[keep],
+                                     images=None if split.images is None else split.images[keep])
+        outputs = features.predict(data_lib.make_pipeline(subset, stats, batch_size, images_only=True), verbose=0)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        sides[side] = ([np.asarray(o) for o in outputs], subset.labels == pair[1])
+    names = [split_data.info.fine_names[i] for i in pair]
+    layers = {}
+    for i, name in enumerate(hidden):
+        train_acc, eval_acc = pair_separability(sides["train"][0][i], sides["train"][1],
+                                                sides["eval"][0][i], sides["eval"][1])
+        layers[name] = {"train": train_acc, split_data.split: eval_acc}
+    return {"classes": names, "layers": layers}
+
+
+def _training_split(config):
+    """The run's training split as the run loaded it (the val images held out when it reported on val)."""
+    from keras_cwsn import data as data_lib
+
+    held_out = config["val_per_class"] if data_lib.resolve_eval_split(config) == "val" else 0
+    return data_lib.load_split(config["dataset"], "train", data_dir=config["data_dir"], verbose=False,
+                               val_per_class=held_out, synthetic=config["synthetic"])
 
 
 def run_stats(run_dir, config):
@@ -91,10 +151,7 @@ def run_stats(run_dir, config):
     if os.path.exists(saved):
         with open(saved) as f:
             return json.load(f)
-    held_out = config["val_per_class"] if data_lib.resolve_eval_split(config) == "val" else 0
-    train = data_lib.load_split(config["dataset"], "train", data_dir=config["data_dir"], verbose=False,
-                                val_per_class=held_out, synthetic=config["synthetic"])
-    return data_lib.preprocessing_stats(train, verbose=False)
+    return data_lib.preprocessing_stats(_training_split(config), verbose=False)
 
 
 def confusion_text(confusion):
@@ -123,18 +180,23 @@ def confusion_text(confusion):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m keras_cwsn.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a run folder whose classifier/ or clusterer (clusterer.keras, cluster_result.json) is finished")
+    parser.add_argument("run", help="a run folder whose classifier/ or clusterer (clusterer.keras, "
+                                    "cluster_result.json) is finished")
     parser.add_argument("--data-dir", default=None, help="folder with <split>/<class>/*; default: the run's")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--confusion", action="store_true",
                         help="also the class x mapped-cluster counts (rows: true class), to spot merged clusters")
+    parser.add_argument("--probe", default=None, metavar="A,B",
+                        help="two class names: how well a linear probe on each hidden fc layer of the clusterer "
+                             "tells them apart (e.g. two classes --confusion shows in one cluster)")
     args = parser.parse_args(argv)
     from keras_cwsn.optional import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     try:
-        figures = evaluate_run(args.run, args.data_dir, args.split, confusion=args.confusion)
+        probe = [name.strip() for name in args.probe.split(",")] if args.probe else None
+        figures = evaluate_run(args.run, args.data_dir, args.split, confusion=args.confusion, probe=probe)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -147,6 +209,11 @@ def main(argv=None):
                 print(f"  {key:24s} {figures[key]:.4f}")
         if "confusion" in figures:
             print(confusion_text(figures["confusion"]))
+        if "probe" in figures:
+            a, b = figures["probe"]["classes"]
+            print(f"linear probe, {a} vs {b} (fitted on the training split; accuracy, chance about 0.5):")
+            for layer, scores in figures["probe"]["layers"].items():
+                print(f"  {layer:24s} " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return 0
 
 

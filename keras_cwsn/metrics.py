@@ -97,6 +97,36 @@ def clustering_report(y_true, y_cluster, mapping=None):
     }
 
 
+def pair_separability(train_features, train_second, eval_features, eval_second):
+    """How well a linear classifier tells two classes apart on features: (train accuracy, eval accuracy).
+
+    Logistic regression on standardised features, fitted on the training images of the two classes and
+    scored on the evaluated ones. When a clusterer merges two classes, a hidden layer that still separates
+    them says the last layer merged them, not the representation.
+
+    Args:
+        train_features, eval_features: float arrays (N, D) and (M, D).
+        train_second, eval_second: bool arrays (N,) and (M,): whether each image is of the second class.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_features, eval_features = np.asarray(train_features), np.asarray(eval_features)
+    train_second, eval_second = np.asarray(train_second, bool), np.asarray(eval_second, bool)
+    if train_features.ndim != 2 or eval_features.shape[1:] != train_features.shape[1:]:
+        raise ValueError(f"Features must be (N, D) on both sides; received {train_features.shape} and "
+                         f"{eval_features.shape}.")
+    if len(train_second) != len(train_features) or len(eval_second) != len(eval_features):
+        raise ValueError("Each feature row needs one class flag.")
+    if train_second.all() or not train_second.any() or len(eval_second) == 0:
+        raise ValueError(f"The probe needs training images of both classes ({int(train_second.sum())} of the second, "
+                         f"{int((~train_second).sum())} of the first) and at least one evaluated image.")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(train_features, train_second)
+    return float(probe.score(train_features, train_second)), float(probe.score(eval_features, eval_second))
+
+
 def predict_clusters(model, data, output="fine_fc3", batch_size=256):
     """Cluster id (argmax of the named output) for every example of `data` (array or dataset of images)."""
     predictions = model.predict(data, batch_size=batch_size if not _is_dataset(data) else None, verbose=0)

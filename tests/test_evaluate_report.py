@@ -148,7 +148,49 @@ def test_evaluate_confusion_needs_a_clusterer(cifar_run, tmp_path, capsys):
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("clusterer.keras", "logs", "backup"))
     assert evaluate.main([str(copy), "--split", "val", "--confusion"]) == 2
     assert "--confusion needs a clusterer" in capsys.readouterr().err
+    assert evaluate.main([str(copy), "--split", "val", "--probe", "cat,dog"]) == 2
+    assert "--probe needs a clusterer" in capsys.readouterr().err
     assert "confusion" not in evaluate.evaluate_run(str(copy), None, "val")
+
+
+def test_evaluate_probe_fits_each_hidden_fc_layer_on_the_two_classes_training_images(cifar_run, capsys):
+    import keras
+
+    from keras_cwsn import data
+    from keras_cwsn.data import preprocess
+    from keras_cwsn.metrics import pair_separability
+
+    root, run_dir = cifar_run
+    figures = evaluate.evaluate_run(run_dir, None, "val", probe=["cat", "airplane"])
+    assert figures["probe"]["classes"] == ["cat", "airplane"]
+    assert list(figures["probe"]["layers"]) == ["fc1_relu", "fc2_relu"]
+    # the same probe by hand: the run's statistics, its training split without the held-out images
+    with open(os.path.join(run_dir, "preprocessing.json")) as f:
+        stats = json.load(f)
+    clusterer = keras.saving.load_model(os.path.join(run_dir, "clusterer.keras"), compile=False)
+    sides = []
+    for split in ("train", "val"):
+        loaded = data.load_split("cifar10", split, data_dir=str(root / "train_data"), val_per_class=VAL_PER_CLASS,
+                                 verbose=False)
+        keep = np.isin(loaded.labels, [CIFAR10_CLASSES.index("cat"), CIFAR10_CLASSES.index("airplane")])
+        x = np.asarray(preprocess.preprocess(loaded.images[keep], stats["normalization"], stats))
+        sides.append((x, loaded.labels[keep] == CIFAR10_CLASSES.index("airplane")))
+    for layer, scores in figures["probe"]["layers"].items():
+        hidden = keras.Model(clusterer.input, clusterer.get_layer(layer).output)
+        expected = pair_separability(hidden.predict(sides[0][0], verbose=0), sides[0][1],
+                                     hidden.predict(sides[1][0], verbose=0), sides[1][1])
+        assert (scores["train"], scores["val"]) == pytest.approx(expected, abs=1e-6), layer
+    assert evaluate.main([run_dir, "--split", "val", "--probe", "cat,airplane"]) == 0
+    printed = capsys.readouterr().out
+    assert "linear probe, cat vs airplane" in printed and "fc2_relu" in printed
+
+
+@pytest.mark.parametrize("probe, message", [(["cat", "kitten"], "Unknown class 'kitten' for --probe; classes: airplane"),
+                                            (["cat", "cat"], "two different class names"),
+                                            (["cat"], "two different class names")])
+def test_evaluate_probe_names_bad_classes(cifar_run, probe, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate.evaluate_run(cifar_run[1], None, "val", probe=probe)
 
 
 def test_evaluate_errors(tmp_path, capsys):

@@ -16,6 +16,7 @@ from keras_cwsn.metrics import (
     hungarian_mapping,
     map_clusters,
     nmi,
+    pair_separability,
     purity,
 )
 
@@ -137,6 +138,30 @@ def test_cluster_confusion_shows_a_merge_and_keeps_empty_classes():
     np.testing.assert_array_equal(counts, [[2, 0, 0], [2, 0, 0], [0, 0, 0]])
     with pytest.raises(ValueError, match=r"Cluster ids \[2\] are not in the mapping"):
         cluster_confusion([0, 1], [0, 2], mapping=np.array([0, 1]))
+
+
+def test_pair_separability_reads_a_separating_direction_and_sees_none_in_noise():
+    rng = np.random.default_rng(0)
+    second_train, second_eval = rng.random(400) < 0.5, rng.random(200) < 0.5
+    noise_train, noise_eval = rng.standard_normal((400, 8)), rng.standard_normal((200, 8))
+    # one feature shifted by the class (far apart, hidden among noise features): a linear probe finds it
+    shifted_train, shifted_eval = noise_train.copy(), noise_eval.copy()
+    shifted_train[:, 5] += 10.0 * second_train
+    shifted_eval[:, 5] += 10.0 * second_eval
+    assert pair_separability(shifted_train, second_train, shifted_eval, second_eval) == (1.0, 1.0)
+    # features that say nothing of the class: held-out accuracy near chance, however well it fits the training side
+    _, held_out = pair_separability(noise_train, second_train, noise_eval, second_eval)
+    assert 0.35 < held_out < 0.65
+
+
+def test_pair_separability_rejects_what_it_cannot_fit():
+    features = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="training images of both classes"):
+        pair_separability(features, [True] * 4, features, [True] * 4)
+    with pytest.raises(ValueError, match=r"\(N, D\) on both sides"):
+        pair_separability(features, [True, False] * 2, np.zeros((4, 2)), [True, False] * 2)
+    with pytest.raises(ValueError, match="one class flag"):
+        pair_separability(features, [True, False], features, [True, False] * 2)
 
 
 # ---------------------------------------------------------------------------------------------
