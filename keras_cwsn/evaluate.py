@@ -12,6 +12,7 @@ figures are then the clusterer's alone.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
 
     from keras_cwsn import data as data_lib
     from keras_cwsn.metrics import cluster_confusion, clustering_report, predict_clusters
+    from keras_cwsn.training.inputs import load_training_split
 
     config_path = os.path.join(run_dir, "config.json")
     classifier_dir = os.path.join(run_dir, "classifier")
@@ -54,7 +56,8 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
     split_data = data_lib.load_split(config["dataset"], split, data_dir=data_dir or config["data_dir"],
                                      val_per_class=config["val_per_class"], synthetic=config["synthetic"])
     pair = _class_ids(probe, split_data.info.fine_names) if probe else None
-    stats = run_stats(run_dir, config)
+    training_split = functools.cache(lambda: load_training_split(config, data_dir))  # loaded once, if at all
+    stats = run_stats(run_dir, config, training_split)
     figures = {"run": run_dir, "dataset": config["dataset"], "variant": config["variant"], "split": split,
                "num_examples": len(split_data)}
     if os.path.exists(classifier_dir):
@@ -80,7 +83,7 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
             counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))
             figures["confusion"] = {"classes": names, "counts": counts.tolist()}
         if pair:
-            figures["probe"] = _probe(clusterer, pair, config, stats, split_data, batch_size)
+            figures["probe"] = _probe(clusterer, pair, training_split(), stats, split_data, batch_size)
     return figures
 
 
@@ -94,7 +97,7 @@ def _class_ids(names, known):
     return [known.index(n) for n in names]
 
 
-def _probe(clusterer, pair, config, stats, split_data, batch_size):
+def _probe(clusterer, pair, training_split, stats, split_data, batch_size):
     """Linear separability of two classes on each hidden fc layer (the ReLU outputs of rank 2)."""
     import dataclasses
 
@@ -109,7 +112,7 @@ def _probe(clusterer, pair, config, stats, split_data, batch_size):
     hidden = [layer.name for layer in clusterer.layers if layer.name.endswith("_relu") and len(layer.output.shape) == 2]
     features = keras.Model(clusterer.input, [clusterer.get_layer(name).output for name in hidden])
     sides = {}
-    for side, split in (("train", _training_split(config)), ("eval", split_data)):
+    for side, split in (("train", training_split), ("eval", split_data)):
         keep = np.isin(split.labels, pair)
         dataset = split.dataset.filter(lambda image, label: tf.reduce_any(tf.equal(label, wanted))).apply(
             tf.data.experimental.assert_cardinality(int(keep.sum())))  # so predict knows where it ends
@@ -127,21 +130,13 @@ def _probe(clusterer, pair, config, stats, split_data, batch_size):
     return {"classes": names, "layers": layers}
 
 
-def _training_split(config):
-    """The run's training split as the run loaded it (the val images held out when it reported on val)."""
-    from keras_cwsn import data as data_lib
-
-    held_out = config["val_per_class"] if data_lib.resolve_eval_split(config) == "val" else 0
-    return data_lib.load_split(config["dataset"], "train", data_dir=config["data_dir"], verbose=False,
-                               val_per_class=held_out, synthetic=config["synthetic"])
-
-
-def run_stats(run_dir, config):
+def run_stats(run_dir, config, training_split=None):
     """The run's preprocessing statistics: from its exported classifier, its preprocessing.json, or, for a
     run that has written neither yet (an older run still in its classification phase), recomputed from its
-    training split as the run loaded it."""
+    training split as the run loaded it (`training_split()`, when given, returns it)."""
     from keras_cwsn import data as data_lib
     from keras_cwsn.export import ASSET_FILE
+    from keras_cwsn.training.inputs import load_training_split
 
     asset = os.path.join(run_dir, "classifier", "assets", ASSET_FILE)
     if os.path.exists(asset):
@@ -151,7 +146,8 @@ def run_stats(run_dir, config):
     if os.path.exists(saved):
         with open(saved) as f:
             return json.load(f)
-    return data_lib.preprocessing_stats(_training_split(config), verbose=False)
+    split = training_split() if training_split else load_training_split(config)
+    return data_lib.preprocessing_stats(split, verbose=False)
 
 
 def confusion_text(confusion):

@@ -185,6 +185,30 @@ def test_evaluate_probe_fits_each_hidden_fc_layer_on_the_two_classes_training_im
     assert "linear probe, cat vs airplane" in printed and "fc2_relu" in printed
 
 
+def test_evaluate_probe_on_a_run_without_saved_statistics_loads_its_training_split_once(cifar_run, tmp_path,
+                                                                                          monkeypatch):
+    """An older run in its classification phase (no classifier/, no preprocessing.json) whose data moved: the
+    statistics and the probe share one load of the training split, from the --data-dir given."""
+    from keras_cwsn.training import inputs
+
+    root, run_dir = cifar_run
+    reference = evaluate.evaluate_run(run_dir, None, "val", probe=["cat", "airplane"])
+    older = tmp_path / "older-run"
+    shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns("classifier", "preprocessing.json", "backup", "logs"))
+    moved = tmp_path / "moved-data"
+    shutil.copytree(root / "train_data", moved)
+    config = json.loads((older / "config.json").read_text())
+    (older / "config.json").write_text(json.dumps(dict(config, data_dir=str(tmp_path / "gone"))))
+    loads = []
+    load = inputs.load_training_split
+    monkeypatch.setattr(inputs, "load_training_split", lambda *args: loads.append(args) or load(*args))
+    figures = evaluate.evaluate_run(str(older), str(moved), "val", probe=["cat", "airplane"])
+    assert [args[1] for args in loads] == [str(moved)]
+    assert figures["cluster_accuracy"] == pytest.approx(reference["cluster_accuracy"], abs=1e-6)
+    for layer, scores in reference["probe"]["layers"].items():
+        assert figures["probe"]["layers"][layer] == pytest.approx(scores, abs=1e-6), layer
+
+
 @pytest.mark.parametrize("probe, message", [(["cat", "kitten"], "Unknown class 'kitten' for --probe; classes: airplane"),
                                             (["cat", "cat"], "two different class names"),
                                             (["cat"], "two different class names")])

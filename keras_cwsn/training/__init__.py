@@ -18,7 +18,8 @@ from keras_cwsn.errors import RunError  # noqa: F401 (re-exported)
 
 _EXPORTS = {
     "protocol": ("run", "run_seeds", "cluster_phase", "classify_phase", "fit_phase"),
-    "inputs": ("RunData", "load_run_data", "training_data", "steps_per_epoch", "preprocess_split"),
+    "inputs": ("RunData", "load_run_data", "load_training_split", "training_data", "steps_per_epoch",
+               "preprocess_split"),
     "recipe": ("build_optimizer", "compile_model", "use_xla", "steps_per_execution"),
     "callbacks": ("StopOnNonFinite", "EpochLearningRate", "EpochTimer", "ResumableWarmStart"),
     "checkpoint": ("Checkpoint",),

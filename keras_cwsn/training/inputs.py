@@ -63,15 +63,26 @@ def load_run_data(config, quiet=False):
     split) the model trains on every training image; on `val` the held-out images are left out.
     """
     eval_split = data_lib.resolve_eval_split(config)
-    load = dict(data_dir=config["data_dir"], synthetic=config["synthetic"], verbose=False,
-                val_per_class=config["val_per_class"] if eval_split == "val" else 0)
-    train = data_lib.load_split(config["dataset"], "train", **load)
-    evaluation = data_lib.load_split(config["dataset"], eval_split, **load)
+    train = load_training_split(config)
+    evaluation = data_lib.load_split(config["dataset"], eval_split, data_dir=config["data_dir"], verbose=False,
+                                     val_per_class=train_held_out(config), synthetic=config["synthetic"])
     for split in (train, evaluation):
         warn_data_report(split)
     stats = data_lib.preprocessing_stats(train, verbose=not quiet)
     return RunData(train, evaluation, stats, eval_split, preprocess_split(train, stats),
                    preprocess_split(evaluation, stats))
+
+
+def load_training_split(config, data_dir=None):
+    """The run's training split: every training image, less the held-out val images when the run
+    reports on val. `data_dir` overrides the config's (data moved since the run)."""
+    return data_lib.load_split(config["dataset"], "train", data_dir=data_dir or config["data_dir"], verbose=False,
+                               val_per_class=train_held_out(config), synthetic=config["synthetic"])
+
+
+def train_held_out(config):
+    """Images per class held out of the training split: the val images when the run reports on val, else none."""
+    return config["val_per_class"] if data_lib.resolve_eval_split(config) == "val" else 0
 
 
 def preprocess_split(split, stats, chunk=8192):
