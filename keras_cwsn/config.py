@@ -60,6 +60,7 @@ TOP_SCHEMA = {
     "xla": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "weight_decay_mode": (lambda v: v in WEIGHT_DECAY_MODES, f"one of {', '.join(WEIGHT_DECAY_MODES)}"),
     "init": (lambda v: v in INITS, f"one of {', '.join(INITS)}"),
+    "last_layer_weight_decay": (lambda v: isinstance(v, bool), "true or false"),
     "batchnorm": (lambda v: v in BATCHNORMS, f"one of {', '.join(BATCHNORMS)}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
@@ -86,6 +87,7 @@ DEFAULTS = {
     "eval_split": "auto", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
     "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": "auto",
     "metrics_sample": 5000, "weight_decay_mode": "coupled", "init": "torch", "batchnorm": "keras",
+    "last_layer_weight_decay": True,
     "embedding_sample": 500,
     "strategy": "auto", "synthetic": {},
 }

@@ -27,6 +27,7 @@ ARCHS = ("lenet", "alexnet")
 DEFAULT_INPUT_SHAPES = {"lenet": (32, 32, 3), "alexnet": (224, 224, 3)}
 CLASSIFIER_OUTPUT = "probabilities"
 SIDE_BRANCH_LAYERS = ("fc1_side",)
+LAST_LAYER = "fc3"  # the fine clusters' (clusterer) or classes' (classifier) logits, in every arch
 INITS = ("torch", "keras")  # how conv and dense weights start: PyTorch's defaults (the paper's) or Keras's
 # BatchNormalization (momentum, epsilon): Keras's defaults, or PyTorch's (its momentum 0.1 weighs the new
 # batch, i.e. Keras momentum 0.9; epsilon 1e-5), which the paper's code had. PyTorch's running variance
@@ -176,7 +177,7 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
     x = _post_fc(hidden["fc1"], "fc1", fc_style, dropout, batchnorm)
     hidden["fc2"] = _dense(x, fc2_units * width, "fc2", init)
     x = _post_fc(hidden["fc2"], "fc2", fc_style, dropout, batchnorm, last=True)
-    hidden["fc3"] = _dense(x, num_fine, "fc3", init)
+    hidden["fc3"] = _dense(x, num_fine, LAST_LAYER, init)
     if any(t.layer == "fc1_side" for t in taps):
         hidden["fc1_side"] = _dense(features, fc1_units * width, "fc1_side", init)
 

@@ -19,7 +19,8 @@ class CoupledSGD(keras.optimizers.SGD):
 
     Args:
         coupled_weight_decay: float. L2 factor added to every trainable variable's gradient
-            (biases and BatchNorm parameters too, as in PyTorch). Defaults to 0.
+            (biases and BatchNorm parameters too, as in PyTorch), except those passed to
+            `exclude_from_weight_decay` before the first step. Defaults to 0.
         **kwargs: `keras.optimizers.SGD` arguments (`learning_rate`, `momentum`, ...).
 
     Example:
@@ -35,7 +36,7 @@ class CoupledSGD(keras.optimizers.SGD):
         self.coupled_weight_decay = float(coupled_weight_decay)
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.coupled_weight_decay:
+        if self.coupled_weight_decay and self._use_weight_decay(variable):  # honours exclude_from_weight_decay
             decay = ops.cast(self.coupled_weight_decay, variable.dtype)
             gradient = ops.add(ops.cast(gradient, variable.dtype), ops.multiply(decay, variable))
         super().update_step(gradient, variable, learning_rate)

@@ -75,6 +75,7 @@ ROW_SETTINGS = {
     "init": ("torch", lambda value: f"{value}-init", False),
     "batchnorm": ("keras", lambda value: f"{value}-bn", False),
     "augment": (False, lambda value: "augment", False),
+    "last_layer_weight_decay": (True, lambda value: "no-fc3-wd", False),
 }
 
 

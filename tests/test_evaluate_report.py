@@ -275,9 +275,9 @@ def test_report_keeps_other_recipes_in_rows_of_their_own_against_their_own_basel
     assert report.row_label({"variant": "D"}) == "D decoupled-wd keras-init"
     assert report.row_label({"variant": "D", "weight_decay_mode": "coupled", "init": "torch"}) == "D"
     config = {"variant": "A", "criterion": "mcl", "margin": 1.0, "head": "copy", "weight_decay_mode": "decoupled",
-              "init": "keras", "batchnorm": "torch", "augment": True}
-    assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd keras-init torch-bn augment"
-    assert report.baseline_label(config) == "ce decoupled-wd keras-init torch-bn augment"
+              "init": "keras", "batchnorm": "torch", "augment": True, "last_layer_weight_decay": False}
+    assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd keras-init torch-bn augment no-fc3-wd"
+    assert report.baseline_label(config) == "ce decoupled-wd keras-init torch-bn augment no-fc3-wd"
 
 
 def test_report_says_p_below_001_rather_than_p_zero(tmp_path, capsys):

@@ -56,6 +56,26 @@ def test_coupled_decay_is_stronger_than_decoupled_under_momentum():
         build_optimizer(dict(SETTINGS, learning_rate=0.1, momentum=0.9, weight_decay=0.01), "l2")
 
 
+@pytest.mark.parametrize("mode", ["coupled", "decoupled"])
+def test_a_variable_excluded_from_weight_decay_steps_as_without_decay(mode):
+    """`exclude_from_weight_decay` (what `last_layer_weight_decay: false` uses) holds in both modes: the
+    excluded variable follows plain SGD with momentum, the other still decays."""
+    lr, mu, wd = 0.1, 0.9, 0.01
+    w0, g = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    optimizer = build_optimizer(dict(SETTINGS, learning_rate=lr, momentum=mu, weight_decay=wd), mode)
+    kept, excluded = keras.Variable(w0.astype(np.float32)), keras.Variable(w0.astype(np.float32))
+    optimizer.exclude_from_weight_decay(var_list=[excluded])
+    optimizer.build([kept, excluded])
+    for _ in range(2):
+        grad = keras.ops.convert_to_tensor(g.astype(np.float32))
+        optimizer.apply_gradients([(grad, kept), (grad, excluded)])
+    v1 = -lr * g  # no decay: v = mu v - lr g; w += v
+    np.testing.assert_allclose(np.array(excluded), w0 + v1 + (mu * v1 - lr * g), rtol=1e-6)
+    reference = _two_steps(build_optimizer(dict(SETTINGS, learning_rate=lr, momentum=mu, weight_decay=wd), mode), w0, g)
+    np.testing.assert_allclose(np.array(kept), reference[1], rtol=1e-6)
+    assert not np.allclose(np.array(kept), np.array(excluded))
+
+
 def test_sgd_step_with_momentum_and_decoupled_weight_decay_by_hand():
     lr, mu, wd = 0.1, 0.9, 0.01
     optimizer = build_optimizer(dict(SETTINGS, learning_rate=lr, momentum=mu, weight_decay=wd), "decoupled")

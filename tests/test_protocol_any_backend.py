@@ -236,6 +236,7 @@ def test_hparams_and_final_figures_reach_tensorboard(finished_run):
     assert hparams["cluster.epochs"] == 2 and hparams["classify.batch_size"] == 16
     assert hparams["eval_split"] == "test" and hparams["margin"] == 2.0
     assert hparams["init"] == "torch" and hparams["batchnorm"] == "keras" and hparams["weight_decay_mode"] == "coupled"
+    assert hparams["last_layer_weight_decay"] is True
     figures = _figures(finished_run)
     for key in ("cluster_accuracy", "classification_accuracy"):
         value = float(tf_value(events.Tensors(f"final/{key}")[0].tensor_proto))
@@ -324,6 +325,25 @@ def test_a_redirected_log_has_one_line_per_epoch(tmp_path, capfd):
     assert "\r" not in out and "\x1b[" not in out
     epoch_lines = [line for line in out.splitlines() if " - " in line and "epoch_seconds" in line]
     assert len(epoch_lines) == 2, out  # one per epoch: the clustering epoch and the classification epoch
+
+
+def test_last_layer_weight_decay_false_spares_fc3_alone_in_both_phases(tmp_path, monkeypatch):
+    from keras_cwsn.training import protocol
+
+    spared = []
+
+    def spy(model, variant, optimizer, **kwargs):
+        spared.append(sorted(v.path for v in model.trainable_variables if not optimizer._use_weight_decay(v)))
+        return compile_model(model, variant, optimizer, **kwargs)
+
+    compile_model = protocol.compile_model
+    monkeypatch.setattr(protocol, "compile_model", spy)
+    out = str(tmp_path / "run")
+    assert train.main(["--variant", "C", "--cluster-epochs", "1", "--classify-epochs", "1", "--set",
+                       "last_layer_weight_decay=false", *TINY, "--set", "embedding_sample=0", "--output-dir", out]) == 0
+    assert spared == [["fc3/bias", "fc3/kernel"]] * 2  # the clusterer, then the classifier
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["last_layer_weight_decay"] is False
 
 
 def test_init_and_batchnorm_settings_reach_every_model_the_protocol_builds(tmp_path, monkeypatch):

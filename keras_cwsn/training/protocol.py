@@ -20,7 +20,7 @@ from keras_cwsn.config import phase_settings
 from keras_cwsn.constants import FIGURES
 from keras_cwsn.errors import RunError
 from keras_cwsn.metrics import ClusteringMetrics, clustering_report, hungarian_mapping, predict_clusters
-from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, build_model, variant_levels
+from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, LAST_LAYER, build_model, variant_levels
 from keras_cwsn.optional import tensorflow_available
 from keras_cwsn.training import records
 from keras_cwsn.training import resume as resume_policy
@@ -182,7 +182,10 @@ def _build(ctx, variant, settings, phase):
         model = build_model(config["arch"], variant, info.num_fine, info.num_coarse,
                             tuple(info.image_size) + (3,), config["double"], init=config["init"],
                             batchnorm=config["batchnorm"])
-        return compile_model(model, variant, build_optimizer(settings, config["weight_decay_mode"]),
+        optimizer = build_optimizer(settings, config["weight_decay_mode"])
+        if not config["last_layer_weight_decay"]:
+            optimizer.exclude_from_weight_decay(var_list=model.get_layer(LAST_LAYER).trainable_weights)
+        return compile_model(model, variant, optimizer,
                              criterion=config["criterion"],
                              margin=config["margin"], jit_compile=use_xla(config, replicas), strategy=ctx.strategy,
                              steps_per_execution=steps_per_execution(config["steps_per_execution"], steps, replicas))

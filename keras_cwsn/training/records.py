@@ -121,7 +121,8 @@ def hparams(config, eval_split):
              "margin": float(config["margin"]), "double": config["double"],
              "schedule_scale": float(config["schedule_scale"]), "eval_split": eval_split,
              "precision": config["precision"], "weight_decay_mode": config["weight_decay_mode"],
-             "init": config["init"], "batchnorm": config["batchnorm"]}
+             "init": config["init"], "batchnorm": config["batchnorm"],
+             "last_layer_weight_decay": config["last_layer_weight_decay"]}
     for phase in ("cluster", "classify"):
         settings = phase_settings(config, phase)
         found.update({f"{phase}.epochs": settings["epochs"], f"{phase}.batch_size": settings["batch_size"],
