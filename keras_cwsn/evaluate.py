@@ -56,8 +56,8 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
     split_data = data_lib.load_split(config["dataset"], split, data_dir=data_dir or config["data_dir"],
                                      val_per_class=config["val_per_class"], synthetic=config["synthetic"])
     pair = _class_ids(probe, split_data.info.fine_names) if probe else None
-    training_split = functools.cache(lambda: load_training_split(config, data_dir))  # loaded once, if at all
-    stats = run_stats(run_dir, config, training_split)
+    load_training = functools.cache(lambda: load_training_split(config, data_dir))  # loaded once, if at all
+    stats = run_stats(run_dir, config, load_training)
     figures = {"run": run_dir, "dataset": config["dataset"], "variant": config["variant"], "split": split,
                "num_examples": len(split_data)}
     if os.path.exists(classifier_dir):
@@ -83,7 +83,7 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
             counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))
             figures["confusion"] = {"classes": names, "counts": counts.tolist()}
         if pair:
-            figures["probe"] = _probe(clusterer, pair, training_split(), stats, split_data, batch_size)
+            figures["probe"] = _probe(clusterer, pair, load_training(), stats, split_data, batch_size)
     return figures
 
 
@@ -130,10 +130,10 @@ def _probe(clusterer, pair, training_split, stats, split_data, batch_size):
     return {"classes": names, "layers": layers}
 
 
-def run_stats(run_dir, config, training_split=None):
+def run_stats(run_dir, config, load_training=None):
     """The run's preprocessing statistics: from its exported classifier, its preprocessing.json, or, for a
     run that has written neither yet (an older run still in its classification phase), recomputed from its
-    training split as the run loaded it (`training_split()`, when given, returns it)."""
+    training split as the run loaded it (by `load_training()` when given)."""
     from keras_cwsn import data as data_lib
     from keras_cwsn.export import ASSET_FILE
     from keras_cwsn.training.inputs import load_training_split
@@ -146,7 +146,7 @@ def run_stats(run_dir, config, training_split=None):
     if os.path.exists(saved):
         with open(saved) as f:
             return json.load(f)
-    split = training_split() if training_split else load_training_split(config)
+    split = load_training() if load_training else load_training_split(config)
     return data_lib.preprocessing_stats(split, verbose=False)
 
 
