@@ -315,3 +315,13 @@ def test_channels_first_lenet_is_the_same_function_as_channels_last():
                                    rtol=1e-4, atol=1e-4)
     first.set_weights(last.get_weights())  # without the reordering the networks differ: the check has teeth
     assert not np.allclose(first(x, training=False).numpy(), last(x, training=False).numpy(), atol=1e-4)
+
+
+def test_train_speed_bench_reads_median_and_best_epoch_after_the_first(tmp_path):
+    """The first epoch (tracing) is left out of both figures; the best is the fastest later epoch."""
+    bench = _load("bench_train_speed")
+    (tmp_path / "cluster_history.csv").write_text(
+        "epoch,epoch_seconds,figures_seconds\n0,90.0,9.0\n1,40.0,1.5\n2,60.0,2.5\n3,44.0,1.0\n")
+    assert bench.epoch_figures(str(tmp_path), "cluster") == (44.0, 40.0, 1.5)
+    (tmp_path / "classify_history.csv").write_text("epoch,epoch_seconds\n0,30.0\n")  # one epoch: it is all there is
+    assert bench.epoch_figures(str(tmp_path), "classify") == (30.0, 30.0, None)
