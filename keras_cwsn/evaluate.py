@@ -130,13 +130,12 @@ def _probe(clusterer, pair, training_split, stats, split_data, batch_size):
     return {"classes": names, "layers": layers}
 
 
-def run_stats(run_dir, config, load_training=None):
+def run_stats(run_dir, config, load_training):
     """The run's preprocessing statistics: from its exported classifier, its preprocessing.json, or, for a
     run that has written neither yet (an older run still in its classification phase), recomputed from its
-    training split as the run loaded it (by `load_training()` when given)."""
+    training split as the run loaded it (`load_training()`)."""
     from keras_cwsn import data as data_lib
     from keras_cwsn.export import ASSET_FILE
-    from keras_cwsn.training.inputs import load_training_split
 
     asset = os.path.join(run_dir, "classifier", "assets", ASSET_FILE)
     if os.path.exists(asset):
@@ -146,8 +145,7 @@ def run_stats(run_dir, config, load_training=None):
     if os.path.exists(saved):
         with open(saved) as f:
             return json.load(f)
-    split = load_training() if load_training else load_training_split(config)
-    return data_lib.preprocessing_stats(split, verbose=False)
+    return data_lib.preprocessing_stats(load_training(), verbose=False)
 
 
 def confusion_text(confusion):

@@ -63,9 +63,9 @@ def load_run_data(config, quiet=False):
     split) the model trains on every training image; on `val` the held-out images are left out.
     """
     eval_split = data_lib.resolve_eval_split(config)
-    train = load_training_split(config)
+    train = load_training_split(config, eval_split=eval_split)
     evaluation = data_lib.load_split(config["dataset"], eval_split, data_dir=config["data_dir"], verbose=False,
-                                     val_per_class=train_held_out(config), synthetic=config["synthetic"])
+                                     val_per_class=train_held_out(config, eval_split), synthetic=config["synthetic"])
     for split in (train, evaluation):
         warn_data_report(split)
     stats = data_lib.preprocessing_stats(train, verbose=not quiet)
@@ -73,16 +73,19 @@ def load_run_data(config, quiet=False):
                    preprocess_split(evaluation, stats))
 
 
-def load_training_split(config, data_dir=None):
+def load_training_split(config, data_dir=None, eval_split=None):
     """The run's training split: every training image, less the held-out val images when the run
-    reports on val. `data_dir` overrides the config's (data moved since the run)."""
-    return data_lib.load_split(config["dataset"], "train", data_dir=data_dir or config["data_dir"], verbose=False,
-                               val_per_class=train_held_out(config), synthetic=config["synthetic"])
+    reports on val. `data_dir` overrides the config's (data moved since the run); `eval_split` is the
+    run's resolved evaluation split (resolved here, in the folder read, when None)."""
+    config = dict(config, data_dir=data_dir or config["data_dir"])
+    eval_split = eval_split or data_lib.resolve_eval_split(config)
+    return data_lib.load_split(config["dataset"], "train", data_dir=config["data_dir"], verbose=False,
+                               val_per_class=train_held_out(config, eval_split), synthetic=config["synthetic"])
 
 
-def train_held_out(config):
+def train_held_out(config, eval_split):
     """Images per class held out of the training split: the val images when the run reports on val, else none."""
-    return config["val_per_class"] if data_lib.resolve_eval_split(config) == "val" else 0
+    return config["val_per_class"] if eval_split == "val" else 0
 
 
 def preprocess_split(split, stats, chunk=8192):
