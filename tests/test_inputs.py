@@ -119,3 +119,85 @@ def test_the_figures_are_on_test_when_there_is_one(tmp_path, with_test, expected
     assert explicit.eval_split == "val" and len(explicit.train) == 30
     if with_test:
         assert os.path.isdir(tmp_path / "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# `augment: true` on in-memory data: pad, random crop, random flip
+# ---------------------------------------------------------------------------------------------
+
+def crop_flip_reference(images, crops, pad):
+    """One image at a time, by slicing: pad with zeros, take the window at (dy, dx), mirror it if flip."""
+    height, width = images.shape[1:3]
+    out = []
+    for image, (dy, dx, flip) in zip(images, crops):
+        window = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))[dy:dy + height, dx:dx + width]
+        out.append(window[:, ::-1] if flip else window)
+    return np.stack(out)
+
+
+def _crop_batch(n=6, size=(8, 6), pad=2, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n,) + size + (3,)).astype(np.float32)
+    corners = [(0, 0, 0), (2 * pad, 2 * pad, 1), (pad, pad, 0), (pad, pad, 1), (0, 2 * pad, 1), (2 * pad, 0, 0)]
+    return images, np.array(corners[:n], dtype=np.int32)
+
+
+def test_crop_flip_equals_the_slicing_reference_at_every_corner():
+    from keras_cwsn.data import crops as crops_lib
+
+    images, crops = _crop_batch()
+    out = crops_lib.crop_flip(images, crops, 2)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    np.testing.assert_array_equal(out, crop_flip_reference(images, crops, 2))
+    np.testing.assert_array_equal(out[2], images[2])  # centred, no flip: the image itself
+    np.testing.assert_array_equal(out[3], images[3][:, ::-1])  # centred and flipped: its mirror
+    assert np.all(out[0][:2] == 0) and np.all(out[0][:, :2] == 0)  # shifted: zero (mean-colour) border
+    if tensorflow_available():
+        np.testing.assert_array_equal(np.asarray(crops_lib.crop_flip_tf(images, crops, 2)), out)
+    assert crops_lib.crop_padding((32, 32)) == 4 and crops_lib.crop_padding((5, 9)) == 1
+
+
+def test_epoch_crops_are_in_range_seeded_and_differ_by_epoch():
+    from keras_cwsn.training.seeds import epoch_crops
+
+    a = epoch_crops(0, "cluster", 3, 2000, 4)
+    assert a.shape == (2000, 3) and a.dtype == np.int32
+    assert a[:, :2].min() == 0 and a[:, :2].max() == 8 and set(np.unique(a[:, 2])) == {0, 1}
+    np.testing.assert_array_equal(a, epoch_crops(0, "cluster", 3, 2000, 4))
+    for other in (epoch_crops(0, "cluster", 4, 2000, 4), epoch_crops(1, "cluster", 3, 2000, 4),
+                  epoch_crops(0, "classify", 3, 2000, 4)):
+        assert not np.array_equal(a, other)
+
+
+@pytest.mark.parametrize("first_epoch", [0, 1])
+def test_augmented_epochs_crop_each_gathered_image_by_its_drawn_crop(first_epoch):
+    """training_data with augment: each batch is the plain batch cropped by epoch_crops (so a resumed run
+    crops as the full run did), on tf.data and on the backend-neutral PyDataset alike; labels untouched."""
+    from keras_cwsn.training.seeds import epoch_crops
+
+    train = data.load_split("synthetic", "train", synthetic={"train_size": 40, "eval_size": 8})
+    stats = data.preprocessing_stats(train, verbose=False)
+    x = inputs.preprocess_split(train, stats)
+    levels = {"fine_fc3": "fine"}
+    config = {"seed": 5, "augment": True}
+    assert x.shape[1:3] == (32, 32)
+    pad = 4  # an eighth of 32
+    batches, steps = inputs.training_data(train, stats, 8, levels, config, "classify", first_epoch, 2, preprocessed=x)
+    got = list(batches.as_numpy_iterator()) if hasattr(batches, "as_numpy_iterator") else \
+        [batches[i] for i in range(len(batches))]
+    assert len(got) == (2 - first_epoch) * steps
+    changed = 0
+    for epoch in range(first_epoch, 2):
+        order = epoch_order(5, "classify", epoch, len(train))[:steps * 8].reshape(steps, 8)
+        crops = epoch_crops(5, "classify", epoch, steps * 8, pad).reshape(steps, 8, 3)
+        for step in range(steps):
+            images, labels = got[(epoch - first_epoch) * steps + step]
+            expected = crop_flip_reference(x[order[step]], crops[step], pad)
+            np.testing.assert_allclose(images, expected, atol=0)
+            np.testing.assert_array_equal(labels["fine_fc3"], train.labels[order[step]])
+            changed += not np.array_equal(images, x[order[step]])
+    assert changed == (2 - first_epoch) * steps  # every batch is augmented
+    plain, _ = inputs.training_data(train, stats, 8, levels, dict(config, augment=False), "classify", first_epoch, 2,
+                                    preprocessed=x)
+    first = next(iter(plain.as_numpy_iterator())) if hasattr(plain, "as_numpy_iterator") else plain[0]
+    np.testing.assert_array_equal(first[0], x[epoch_order(5, "classify", first_epoch, len(train))[:8]])

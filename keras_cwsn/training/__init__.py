@@ -8,7 +8,7 @@
 - `resume`: whether and from where a run in an output folder goes on.
 - `workers`: what every worker agrees on (this process alone without tf.distribute).
 - `records`: config, provenance, projector and seed summaries written beside the figures.
-- `seeds`: derived seeds and each epoch's order.
+- `seeds`: derived seeds and each epoch's order (and crops, with `augment`).
 
 Names are imported on first use, so `keras_cwsn.training.recipe` loads without the rest.
 """
@@ -26,7 +26,7 @@ _EXPORTS = {
     "resume": ("RESUMABLE_CHANGES", "check_output_dir", "check_resume_config", "config_changes",
                "read_resume_epoch", "truncate_history"),
     "records": ("summarize", "versions", "git_info"),
-    "seeds": ("derived_seed", "epoch_order", "seed_everything"),
+    "seeds": ("derived_seed", "epoch_order", "epoch_crops", "seed_everything"),
 }
 __all__ = ["RunError"] + [name for names in _EXPORTS.values() for name in names]
 

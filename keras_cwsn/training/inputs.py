@@ -2,8 +2,9 @@
 
 Data that fits in memory (the embedded dataset, CIFAR from a folder or TFDS) is preprocessed once
 into a float32 array; an epoch is then a gather of batches by a seeded permutation (`epoch_order`),
-with no per-image work and no per-batch Python on TensorFlow. Streamed sources (Birdsnap) keep
-the tf.data path of `data.make_pipeline`.
+with no per-image work and no per-batch Python on TensorFlow; `augment: true` adds a random
+pad-crop-flip per image (`data.crops`, drawn by `epoch_crops`). Streamed sources (Birdsnap) keep
+the tf.data path of `data.make_pipeline` (resize, random crop, flip).
 """
 
 import dataclasses
@@ -12,9 +13,10 @@ import keras
 import numpy as np
 
 from keras_cwsn import data as data_lib
+from keras_cwsn.data.crops import crop_flip, crop_flip_tf, crop_padding
 from keras_cwsn.data.normalize import normalize
 from keras_cwsn.training.records import warn_data_report
-from keras_cwsn.training.seeds import derived_seed, epoch_order
+from keras_cwsn.training.seeds import derived_seed, epoch_crops, epoch_order
 
 PREDICT_BATCH = 256  # batch of every predict/evaluate pass (no effect on the figures)
 
@@ -125,7 +127,7 @@ def training_data(split, stats, batch_size, levels, config, phase, first_epoch, 
         preprocessed: float32 array or None. `split`'s images already preprocessed (computed if None).
     """
     seed = config["seed"]
-    if split.images is None:  # random crops (`augment`) apply to these 224-pixel streamed sources only
+    if split.images is None:  # streamed 224-pixel sources: `augment` resizes, crops and flips in make_pipeline
         return _streamed_training_data(split, stats, batch_size, levels, seed, phase, first_epoch, epochs,
                                        config["augment"])
     x = preprocess_split(split, stats) if preprocessed is None else preprocessed
@@ -134,22 +136,32 @@ def training_data(split, stats, batch_size, levels, config, phase, first_epoch, 
     per_batch = min(batch_size, n)
     order = np.concatenate([epoch_order(seed, phase, e, n)[: steps * per_batch] for e in range(first_epoch, epochs)])
     order = order.reshape(-1, per_batch).astype(np.int32)
+    crops, pad = None, 0
+    if config["augment"]:
+        pad = crop_padding(x.shape[1:3])
+        crops = np.concatenate([epoch_crops(seed, phase, e, steps * per_batch, pad)
+                                for e in range(first_epoch, epochs)]).reshape(-1, per_batch, 3)
     labels = labels_by_output(split, levels)
     if keras.backend.backend() == "tensorflow":
-        return _gathered_tf_dataset(x, labels, order), steps
-    return BatchesByOrder(x, labels, order), steps
+        return _gathered_tf_dataset(x, labels, order, crops, pad), steps
+    return BatchesByOrder(x, labels, order, crops, pad), steps
 
 
-def _gathered_tf_dataset(x, labels, order):
-    """tf.data of batches gathered from in-memory arrays by an index table (as Keras's own array adapter does)."""
+def _gathered_tf_dataset(x, labels, order, crops=None, pad=0):
+    """tf.data of batches gathered from in-memory arrays by an index table (as Keras's own array adapter
+    does), each image cropped and flipped by its row of `crops` when given."""
     import tensorflow as tf
 
-    indices = tf.data.Dataset.from_tensor_slices(order)
+    tables = (order,) if crops is None else (order, crops)
+    indices = tf.data.Dataset.from_tensor_slices(tables)
     arrays = tf.data.Dataset.from_tensors((x, labels)).repeat()
 
-    def gather(index, data):
+    def gather(table, data):
         images, by_output = data
-        return tf.gather(images, index), {k: tf.gather(v, index) for k, v in by_output.items()}
+        batch = tf.gather(images, table[0])
+        if crops is not None:
+            batch = crop_flip_tf(batch, table[1], pad)
+        return batch, {k: tf.gather(v, table[0]) for k, v in by_output.items()}
 
     return (tf.data.Dataset.zip((indices, arrays)).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
@@ -158,16 +170,17 @@ def _gathered_tf_dataset(x, labels, order):
 class BatchesByOrder(keras.utils.PyDataset):
     """Batches of in-memory arrays by an index table, for backends without tf.data (JAX)."""
 
-    def __init__(self, x, labels, order, **kwargs):
+    def __init__(self, x, labels, order, crops=None, pad=0, **kwargs):
         super().__init__(**kwargs)
-        self.x, self.labels, self.order = x, labels, order
+        self.x, self.labels, self.order, self.crops, self.pad = x, labels, order, crops, pad
 
     def __len__(self):
         return len(self.order)
 
     def __getitem__(self, i):
         index = self.order[i]
-        return self.x[index], {k: v[index] for k, v in self.labels.items()}
+        images = self.x[index] if self.crops is None else crop_flip(self.x[index], self.crops[i], self.pad)
+        return images, {k: v[index] for k, v in self.labels.items()}
 
 
 def _streamed_training_data(split, stats, batch_size, levels, seed, phase, first_epoch, epochs, augment):

@@ -21,6 +21,15 @@ def epoch_order(seed, phase, epoch, num_examples):
     return np.random.default_rng(derived_seed(seed, phase, "epoch", epoch)).permutation(num_examples)
 
 
+def epoch_crops(seed, phase, epoch, count, pad):
+    """The random crops of epoch `epoch` of `phase` (`augment`): (count, 3) int32 rows of (dy, dx, flip),
+    dy and dx in [0, 2 * pad], one per slot of the epoch's order; seeded like `epoch_order`, so a
+    resumed run crops the same way on either backend."""
+    rng = np.random.default_rng(derived_seed(seed, phase, "crops", epoch))
+    return np.concatenate([rng.integers(0, 2 * pad + 1, size=(count, 2)), rng.integers(0, 2, size=(count, 1))],
+                          axis=1).astype(np.int32)
+
+
 def seed_everything(seed):
     """Python, NumPy and backend seeds; deterministic ops on TensorFlow."""
     keras.utils.set_random_seed(int(seed))
