@@ -120,6 +120,9 @@ def validate(config):
             raise ConfigError(f"Config is missing the required key {required!r}.")
     _check(TOP_SCHEMA, config, "")
     _check(SYNTHETIC_SCHEMA, config["synthetic"], "synthetic.")
+    if config["synthetic"] and config["dataset"] != "synthetic":  # it would be silently ignored
+        raise ConfigError(f"Config key 'synthetic' applies to dataset 'synthetic' only; this config's dataset is "
+                          f"{config['dataset']!r}. Remove the synthetic settings or use --dataset synthetic.")
     for phase in ("cluster", "classify"):
         for key in config[phase]:  # unknown keys first: a misspelt key is also a missing one
             if key not in PHASE_SCHEMA:

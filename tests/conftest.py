@@ -174,6 +174,8 @@ def tiny_config(**overrides):
         config[phase].update(epochs=1, batch_size=32)
     config.update(embedding_sample=16)
     config.update(overrides)
+    if config["dataset"] != "synthetic":  # the embedded data's settings would be refused on another dataset
+        config["synthetic"] = {}
     return validate(config)
 
 

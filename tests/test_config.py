@@ -276,3 +276,10 @@ def test_learning_rate_with_other_factor_and_no_milestones():
     # Milestones need not be sorted in the file.
     unsorted = {"learning_rate": 1.0, "lr_milestones": [4, 2], "lr_factor": 0.5}
     assert [learning_rate_at(e, unsorted) for e in range(6)] == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_synthetic_settings_on_another_dataset_are_refused_not_ignored():
+    config = load_config(dataset="cifar10")
+    with pytest.raises(ConfigError, match="'synthetic' applies to dataset 'synthetic' only; .* 'cifar10'"):
+        set_value(config, "synthetic.train_size", 100)
+    assert set_value(load_config(dataset="synthetic"), "synthetic.train_size", 100)["synthetic"]["train_size"] == 100
