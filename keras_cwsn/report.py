@@ -129,12 +129,16 @@ def seed_std(values):
     return float(values.std(ddof=1)) if values.size > 1 else None
 
 
-def _fmt(values, key):
-    scale = 100.0 if key in PERCENT else 1.0
-    values = np.asarray(values, dtype=float) * scale
+def _cell(values):
+    """One table cell over seeds: "mean ± std (best max)" ("mean (best max)" for one seed)."""
+    values = np.asarray(values, dtype=float)
     std = seed_std(values)
     spread = f" ± {std:.2f}" if std is not None else ""
-    return f"{values.mean():.2f}{spread}", f"{values.max():.2f}", values.mean()
+    return f"{values.mean():.2f}{spread} (best {values.max():.2f})"
+
+
+def _paper_text(figures):
+    return " / ".join("—" if v is None else f"{v}" for v in figures)
 
 
 def versus_baseline(runs, baseline_runs):
@@ -169,13 +173,13 @@ def markdown_table(groups):
             for key in FIGURES:
                 values = [r[key] for r in runs if r.get(key) is not None]
                 if values:
-                    mean_std, best, mean = _fmt(values, key)
-                    cells.append(f"{mean_std} (best {best})")
-                    means[key] = mean
+                    values = np.asarray(values, dtype=float) * (100.0 if key in PERCENT else 1.0)
+                    cells.append(_cell(values))
+                    means[key] = values.mean()
                 else:
                     cells.append("—")
             ref = paper.get(variant.partition(" ")[0])  # the paper's figures are KCL's
-            ref_text = " / ".join("—" if v is None else f"{v}" for v in ref) if ref else "—"
+            ref_text = _paper_text(ref) if ref else "—"
             diff = f"{means['classification_accuracy'] - ref[3]:+.2f}" if ref and "classification_accuracy" in means else "—"
             seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
             baseline = groups.get((dataset, arch, double, scale, baseline_label(runs[0]["config"])), [])
@@ -301,20 +305,16 @@ def peak_table(groups):
             runs = sorted(groups[key + (label,)], key=lambda r: r["seed"])
             cells = []
             for figure in ("cluster_accuracy", "classification_accuracy"):
-                peaks = [(r["seed"], run_peak(r["run_dir"], figure)) for r in runs]
-                peaks = [(seed, p) for seed, p in peaks if p is not None]
+                peaks = [p for p in (run_peak(r["run_dir"], figure) for r in runs) if p is not None]
                 if peaks:
-                    values = np.array([p[0] for _, p in peaks])
-                    std = seed_std(values)
-                    cells.append(f"{values.mean():.2f}{f' ± {std:.2f}' if std is not None else ''} "
-                                 f"(best {values.max():.2f})")
-                    cells.append(", ".join(str(p[1]) for _, p in peaks))
+                    cells.append(_cell([value for value, _ in peaks]))
+                    cells.append(", ".join(str(epoch) for _, epoch in peaks))
                 else:
                     cells += ["—", "—"]
             last = [100.0 * r["classification_accuracy"] for r in runs if r.get("classification_accuracy") is not None]
             cells.append(f"{np.mean(last):.2f}" if last else "—")
             ref = paper.get(label.partition(" ")[0])
-            cells.append(" / ".join("—" if v is None else f"{v}" for v in (ref[0], ref[3])) if ref else "—")
+            cells.append(_paper_text((ref[0], ref[3])) if ref else "—")
             seeds = ",".join(str(r["seed"]) for r in runs)
             lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")

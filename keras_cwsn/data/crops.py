@@ -10,6 +10,8 @@ backends without tf.data (JAX); the TensorFlow one runs inside the tf.data map. 
 pins both to a per-image slicing reference.
 """
 
+import types
+
 import numpy as np
 
 
@@ -40,21 +42,7 @@ def crop_flip_tf(images, crops, pad):
 
     height, width = images.shape[1], images.shape[2]
     padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    rows, columns = _indices(tf.convert_to_tensor(crops, tf.int32), height, width, _TensorFlowIndexing)
+    xp = types.SimpleNamespace(arange=tf.range, where=tf.where)  # what `_indices` needs, in TensorFlow
+    rows, columns = _indices(tf.convert_to_tensor(crops, tf.int32), height, width, xp)
     return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
 
-
-class _TensorFlowIndexing:
-    """The two array functions `_indices` needs, in TensorFlow (so one definition serves both versions)."""
-
-    @staticmethod
-    def arange(n):
-        import tensorflow as tf
-
-        return tf.range(n)
-
-    @staticmethod
-    def where(condition, a, b):
-        import tensorflow as tf
-
-        return tf.where(condition, a, b)
