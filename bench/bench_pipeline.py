@@ -31,6 +31,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from keras_cwsn.optional import set_tensorflow_environment  # noqa: E402
+
+set_tensorflow_environment()  # oneDNN on, as train.py has it
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

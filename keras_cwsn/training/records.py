@@ -19,7 +19,7 @@ from keras_cwsn.atomic import atomic_path, write_json_atomic
 from keras_cwsn.constants import FIGURES
 from keras_cwsn.errors import RunError, one_line
 from keras_cwsn.models import penultimate_model
-from keras_cwsn.optional import tensorflow_available
+from keras_cwsn.optional import onednn_enabled, tensorflow_available
 from keras_cwsn.report import seed_std
 
 
@@ -76,6 +76,7 @@ def versions():
             found[package] = None
     if "tensorflow" in sys.modules:  # installed as tensorflow-cpu or tensorflow[and-cuda]: ask the module
         found["tensorflow"] = sys.modules["tensorflow"].__version__
+        found["onednn"] = onednn_enabled()
     found["keras"] = keras.__version__
     return found
 
