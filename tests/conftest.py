@@ -29,6 +29,10 @@ import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from keras_cwsn.optional import set_tensorflow_environment  # noqa: E402
+
+set_tensorflow_environment()  # the kernels train.py runs on (oneDNN on), set before anything loads TensorFlow
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -25,6 +25,7 @@ from conftest import ROOT as CHECKOUT  # noqa: E402
 from conftest import imagenet_reference, subprocess_env  # noqa: E402
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
 from keras_cwsn.models import build_model, variant_levels, variant_loss_weights  # noqa: E402
+from keras_cwsn.optional import onednn_enabled  # noqa: E402
 
 ROOT = Path(CHECKOUT)
 BENCH = ROOT / "bench"
@@ -300,6 +301,8 @@ def test_gpu_check_loads_no_tensorflow_module_of_the_package():
     assert not any(m.startswith("keras_cwsn.data") for m in loaded)
 
 
+@pytest.mark.skipif(onednn_enabled() is False, reason="channels-first convolutions need TensorFlow's oneDNN "
+                    "kernels on the CPU (TF_ENABLE_ONEDNN_OPTS=0 was set)")
 def test_channels_first_lenet_is_the_same_function_as_channels_last():
     """bench_layout.py times one network in two layouts: with fc1's rows reordered, the outputs agree."""
     bench = _load("bench_layout")
