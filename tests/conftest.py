@@ -5,6 +5,7 @@ Everything the test files used to repeat lives here once:
 - `subprocess_env(...)`: the environment of a child Python process (quiet TensorFlow, this checkout
   importable, a private cache); `child_results(code, ...)`: run a child script, read the JSON it prints;
   `TWO_CPU_REPLICAS`: the start of a child script that needs 2 tf.distribute replicas on the CPU;
+- `only_on_backend(name, reason)`: a skip mark; the `heavy` mark (pytest.ini) puts a module first;
 - `tiny_clusterer`, `random_images`, `softmax`, the `float32_policy` fixture;
 - `make_cifar_tree`, `make_cifar_archive`, `write_image`, `tiny_config`: small datasets and configs;
 - `yuv_reference`, `uv_stats_reference`, `imagenet_reference`: the preprocessing written out in
@@ -44,6 +45,24 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 # Hsu & Kira's CIFAR-10 hierarchy (DESIGN.md), written out here rather than read from the package's table.
 CIFAR10_ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
 CIFAR10_VEHICLES = ("airplane", "automobile", "ship", "truck")
+
+
+def pytest_collection_modifyitems(items):
+    """Modules holding a `heavy` test (whole train.py processes, a minute or more) run first.
+
+    Under `pytest -n 2` (README, CI) pytest.ini hands each worker whole modules in this order, so the
+    long ones start at once and the many short ones fill in around them instead of trailing behind.
+    """
+    heavy = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("heavy")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)  # stable: file order otherwise
+
+
+def only_on_backend(name, reason):
+    """Run a test on one Keras backend only. For the scripts that drive train.py processes: CI runs the
+    suite on both backends, and train.py itself is checked on each by test_protocol_any_backend.py."""
+    import keras
+
+    return pytest.mark.skipif(keras.backend.backend() != name, reason=f"{name} backend only: {reason}")
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,8 @@ Nothing here imports TensorFlow at module level: the JAX environment has none.
 
 import keras
 import numpy as np
-import pytest
 
-from conftest import softmax
+from conftest import only_on_backend, softmax
 
 N, K = 6, 5
 
@@ -88,7 +87,7 @@ RUNNERS = {
 
 def tensorflow_backend_only(reason):
     """Skip a test unless Keras runs on TensorFlow (which is then installed), with the reason in the report."""
-    return pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason=f"TensorFlow backend only: {reason}")
+    return only_on_backend("tensorflow", reason)
 
 
 def tf_graph_ranks(loss, batch=16, classes=11):

@@ -202,6 +202,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.heavy
 def test_two_workers_on_one_host_equal_one_device(tmp_path, results):
     """--strategy multiworker with 2 local worker processes (TF_CONFIG) ends where a single-device run ends.
 

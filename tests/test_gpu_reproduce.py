@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from conftest import ROOT, make_cifar_archive
+from conftest import ROOT, make_cifar_archive, only_on_backend
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_reproduce  # noqa: E402
@@ -20,6 +20,8 @@ def archive(tmp_path_factory):
     return make_cifar_archive(str(tmp_path_factory.mktemp("cifar")))
 
 
+@pytest.mark.heavy
+@only_on_backend("jax", "the script drives train.py on the GPU machines, which have JAX only")
 def test_two_runs_at_once_are_planned_run_collected_and_resumed(archive, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
     out, collected = tmp_path / "runs", tmp_path / "results.tar.gz"

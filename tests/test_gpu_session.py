@@ -8,7 +8,7 @@ import tarfile
 import keras
 import pytest
 
-from conftest import ROOT, make_cifar_archive
+from conftest import ROOT, make_cifar_archive, only_on_backend
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_session.sh")
 TINY_CHECK = ("--archs lenet --variants ce --steps 1 --warmup 1 --lenet-batch 4 --loss-sizes 16x4 --repeats 1")
@@ -26,6 +26,8 @@ def session(out, tmp_path, **settings):
     return subprocess.run(["bash", SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.heavy
+@only_on_backend("jax", "the lent GPU machines have JAX and no TensorFlow: the one device call is checked as it runs there")
 def test_one_call_checks_the_device_runs_and_returns_every_file(archive, tmp_path):
     out = tmp_path / "out"
     done = session(out, tmp_path, ARCHIVE=archive, RUNS="ce:0", BUDGET="400", MAX_EPOCHS="1", CHECK_SECONDS="300",

@@ -94,6 +94,7 @@ def test_stored_mapping_is_the_hungarian_mapping_of_the_training_clusters(finish
         assert json.load(f)["train"]["cluster_accuracy"] == pytest.approx(accuracy, abs=1e-9)
 
 
+@pytest.mark.heavy
 def test_interrupted_run_resumes_to_the_same_figures(tmp_path, monkeypatch):
     from keras_cwsn.training import protocol
 
@@ -122,6 +123,7 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path, monkeypatch):
     assert [event["phase"] for event in resumed["resumed"]] == ["classify"]
 
 
+@pytest.mark.heavy
 def test_sigkill_during_clustering_resumes_to_the_same_figures(tmp_path):
     """A run killed with SIGKILL (no handler runs) goes on from its last checkpoint to an uninterrupted run's figures."""
     import signal

@@ -6,7 +6,9 @@ import stat
 import subprocess
 import sys
 
-from conftest import ROOT, make_cifar_tree, subprocess_env
+import pytest
+
+from conftest import ROOT, make_cifar_tree, only_on_backend, subprocess_env
 
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce_cifar10.sh")
 TINY = "--batch-size 8 --set embedding_sample=0 --set metrics_sample=40 --quiet"
@@ -22,6 +24,8 @@ def _python_that_logs_its_threads(tmp_path):
     return str(wrapper), log
 
 
+@pytest.mark.heavy
+@only_on_backend("tensorflow", "the CPU runs' script, on TensorFlow (the fastest backend on a CPU)")
 def test_streams_share_out_the_runs_and_run_each_on_one_thread(tmp_path):
     data, out, copies = tmp_path / "data", tmp_path / "runs", tmp_path / "results"
     make_cifar_tree(str(data), per_class=4, splits=("train", "test"))

@@ -32,6 +32,7 @@ def _without_timing(path):
     return [[row[i] for i in keep] for row in rows]
 
 
+@pytest.mark.heavy
 def test_same_seed_repeats_a_run_exactly(tmp_path):
     env = subprocess_env(tmp_path / "cache")
     runs = [subprocess.Popen(_command(tmp_path / name, 7), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

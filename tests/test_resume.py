@@ -61,6 +61,7 @@ class _Interrupted(Exception):
     pass
 
 
+@pytest.mark.heavy
 def test_resumed_classification_keeps_restored_weights(tmp_path, monkeypatch):
     """An interrupted classify phase resumes from its checkpoint: the warm start must not overwrite it."""
     monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
