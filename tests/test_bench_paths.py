@@ -2,12 +2,14 @@
 
 Covers: XLA vs no XLA for a variant-D step, mixed precision vs float32, steps_per_execution > 1
 vs 1, the benchmark's own compiled step vs `train_on_batch`, the 224 pipeline path of
-bench_pipeline.py, bench_batchnorm.py's closed-form BatchNormalization vs Keras's, and a smoke run of bench/gpu_check.py (TensorFlow backend, tiny sizes), whose
+bench_pipeline.py, bench_batchnorm.py's closed-form BatchNormalization vs Keras's, bench_layers.py's BN piece vs
+Keras's BatchNormalization, and a smoke run of bench/gpu_check.py (TensorFlow backend, tiny sizes), whose
 JAX path must import no TensorFlow.
 """
 
 import ast
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -328,3 +330,23 @@ def test_train_speed_bench_reads_median_and_best_epoch_after_the_first(tmp_path)
     assert bench.epoch_figures(str(tmp_path), "cluster") == (44.0, 40.0, 1.5)
     (tmp_path / "classify_history.csv").write_text("epoch,epoch_seconds\n0,30.0\n")  # one epoch: it is all there is
     assert bench.epoch_figures(str(tmp_path), "classify") == (30.0, 30.0, None)
+
+
+def test_layers_bench_times_keras_batchnorm_and_every_case(capsys):
+    """bench_layers.py's BN piece is Keras's training-mode BatchNormalization + ReLU; its TF column times every case."""
+    bench = _load("bench_layers")
+    _, forward, x, (gamma, beta) = bench.tensorflow_piece("bn", (5, 5, 4), None, np.random.default_rng(3))
+    gamma.assign(np.linspace(0.5, 2.0, 4).astype("float32"))
+    beta.assign(np.linspace(-1.0, 1.0, 4).astype("float32"))
+    layer = keras.layers.BatchNormalization()
+    layer.build(x.shape)
+    layer.gamma.assign(gamma.numpy())
+    layer.beta.assign(beta.numpy())
+    np.testing.assert_allclose(forward().numpy(), keras.ops.relu(layer(x, training=True)).numpy(), rtol=1e-5, atol=1e-5)
+
+    assert bench.main(["--column", "tensorflow", "--calls", "1", "--rounds", "1", "--threads", "1"]) == 0
+    times = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(times) == set(bench.CASES) and all(t > 0 for t in times.values())
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--rounds", "0"])
+    assert exit_info.value.code == 2 and "at least 1" in capsys.readouterr().err
