@@ -80,3 +80,14 @@ def test_epoch_batches_do_not_depend_on_where_the_run_started(tmp_path, monkeypa
     assert not np.array_equal(full[0], full[1]), "each epoch is shuffled differently"
     assert len({derived_seed(0, "cluster", "epoch", e) for e in range(100)}) == 100
     assert derived_seed(0, "cluster") != derived_seed(1, "cluster") != derived_seed(0, "classify")
+
+
+def test_cpu_description_names_the_model_and_cores(tmp_path):
+    """metrics.json's versions.cpu: the same seed gives another clusterer on another CPU, so it is recorded."""
+    from keras_cwsn.training.records import cpu_description
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
+                       "model name\t: Intel(R) Xeon(R) Processor\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert cpu_description(str(cpuinfo)) == f"Intel(R) Xeon(R) Processor (family 6, model 167), {os.cpu_count()} cores"
+    assert cpu_description(str(tmp_path / "missing")).endswith(f", {os.cpu_count()} cores")

@@ -142,6 +142,7 @@ def test_metrics_json_holds_every_figure(run_dir):
     assert {"cluster_s", "classify_s", "total_s"} <= set(metrics["timings"])
     assert metrics["versions"]["tensorflow"] == tf.__version__
     assert isinstance(metrics["versions"]["onednn"], bool)
+    assert metrics["versions"]["cpu"].endswith(f", {os.cpu_count()} cores")
 
 
 def test_tensorboard_has_every_loss_output_and_metric(run_dir):

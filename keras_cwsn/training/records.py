@@ -66,9 +66,32 @@ def git_info():
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+def cpu_description(cpuinfo="/proc/cpuinfo"):
+    """The CPU a run trained on, e.g. "Intel(R) Xeon(R) Processor (family 6, model 167), 2 cores".
+
+    The same seed and code give different clusterers on different CPUs (the floating-point sums
+    differ), so a run's figures need the machine beside them; platform.processor() is often empty.
+    """
+    fields = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def versions():
-    """Python, platform and the versions of the libraries that shape the figures."""
-    found = {"python": platform.python_version(), "platform": platform.platform(), "backend": keras.backend.backend()}
+    """Python, platform, CPU and the versions of the libraries that shape the figures."""
+    found = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_description(),
+             "backend": keras.backend.backend()}
     for package in ("tensorflow", "keras", "numpy", "scipy", "scikit-learn", "tensorflow-datasets", "h5py"):
         try:
             found[package] = importlib_metadata.version(package)
