@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from keras_cwsn.constants import STRATEGIES
+from keras_cwsn.constants import PHASES, STRATEGIES
 from keras_cwsn.data.registry import datasets_help
 from keras_cwsn.errors import UsageError, UserError, one_line, print_error
 from keras_cwsn.optional import import_tensorflow_quietly, tensorflow_available
@@ -75,7 +75,7 @@ def resolve_config(args):
     for key, value in flags.items():
         if value is not None:
             config = set_value(config, key, value)
-    for phase in ("cluster", "classify"):
+    for phase in PHASES:
         for key, value in {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr}.items():
             if value is not None:
                 config = set_value(config, f"{phase}.{key}", value)

@@ -42,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 import bench_steps  # noqa: E402
 from bench_steps import PauseJobs, StepCase, time_cases  # noqa: E402
 from keras_cwsn.data import pipeline  # noqa: E402
-from keras_cwsn.models import variant_levels  # noqa: E402
+from keras_cwsn.variants import variant_levels  # noqa: E402
 
 VARIANT = "D"
 

@@ -44,7 +44,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_cwsn.models import VARIANTS, build_model, variant_levels  # noqa: E402
+from keras_cwsn.models import build_model  # noqa: E402
+from keras_cwsn.variants import VARIANTS, variant_levels  # noqa: E402
 from keras_cwsn.training import recipe  # noqa: E402
 from pause import PauseJobs  # noqa: E402  (bench_pipeline imports it from here too)
 from timing import EpochTimer  # noqa: E402

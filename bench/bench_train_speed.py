@@ -34,6 +34,7 @@ set_tensorflow_environment()  # oneDNN on, as train.py has it
 import numpy as np  # noqa: E402
 
 from keras_cwsn.config import load_config, set_value  # noqa: E402
+from keras_cwsn.constants import PHASES  # noqa: E402
 
 
 def epoch_figures(run_dir, phase):
@@ -53,7 +54,7 @@ def time_ours(data_dir, variant, batch, epochs, settings):
     config = load_config(dataset="cifar10")
     for key, value in {"data_dir": data_dir, "variant": variant, "embedding_sample": 0, **settings}.items():
         config = set_value(config, key, value)
-    for phase in ("cluster", "classify"):
+    for phase in PHASES:
         config = set_value(config, f"{phase}.epochs", epochs)
         config = set_value(config, f"{phase}.batch_size", batch)
     with tempfile.TemporaryDirectory() as out:

@@ -39,7 +39,8 @@ from keras import ops  # noqa: E402
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
 from keras_cwsn.training import recipe  # noqa: E402
 from loss_variants import floor_loss, naive_loss, ours_loss  # noqa: E402
-from keras_cwsn.models import build_model, variant_levels  # noqa: E402
+from keras_cwsn.models import build_model  # noqa: E402
+from keras_cwsn.variants import variant_levels  # noqa: E402
 from timing import EpochTimer  # noqa: E402
 
 NUM_FINE, NUM_COARSE = 10, 2

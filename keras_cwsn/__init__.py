@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "losses": ("PairwiseKLLoss", "pairwise_kl_loss", "PairwiseMCLLoss", "pairwise_mcl_loss", "pairwise_loss"),
     "metrics": ("cluster_accuracy", "hungarian_mapping", "nmi", "purity", "ClusteringMetrics"),
-    "models": ("build_model", "VARIANTS"),
+    "models": ("build_model",),
+    "variants": ("VARIANTS",),
     "warmstart": ("WarmStart", "transfer_weights"),
     "training": ("run", "run_seeds"),
 }

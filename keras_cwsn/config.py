@@ -11,11 +11,11 @@ import os
 
 import yaml
 
-from keras_cwsn.constants import CRITERIA, EVAL_SPLITS, HEADS, PRECISIONS, STRATEGIES
+from keras_cwsn.constants import (ARCHS, BATCHNORMS, CRITERIA, EVAL_SPLITS, HEADS, INITS, PRECISIONS, STRATEGIES,
+                                  WEIGHT_DECAY_MODES)
 from keras_cwsn.data.registry import DATASETS, get_dataset
 from keras_cwsn.errors import UserError
-from keras_cwsn.models import ALL_VARIANTS, ARCHS, BATCHNORMS, INITS
-from keras_cwsn.optimizers import WEIGHT_DECAY_MODES
+from keras_cwsn.variants import ALL_VARIANTS
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

@@ -14,9 +14,9 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_cwsn.constants import STRATEGIES
 from keras_cwsn.errors import UserError
 
-STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 _STRATEGIES = {}  # one strategy per name and process: MultiWorkerMirroredStrategy can't be created twice
 
 

@@ -17,8 +17,10 @@ import json
 import os
 import sys
 
+from keras_cwsn.constants import CLUSTER_OUTPUT, MODEL_INFO_ASSET, PREDICT_BATCH
 
-def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion=False, probe=None):
+
+def evaluate_run(run_dir, data_dir=None, split="test", batch_size=PREDICT_BATCH, confusion=False, probe=None):
     """Classification accuracy and clustering figures of a run on a split; returns a dict.
 
     A run still in its classification phase gives its clusterer's figures alone (no
@@ -76,7 +78,7 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
             mapping = np.asarray(json.load(f)["mapping"])
         clusterer = keras.saving.load_model(clusterer_path, compile=False)
         images = data_lib.make_pipeline(split_data, stats, batch_size, images_only=True)
-        clusters = predict_clusters(clusterer, images, "fine_fc3")
+        clusters = predict_clusters(clusterer, images, CLUSTER_OUTPUT)
         figures.update(clustering_report(split_data.labels, clusters, mapping))
         if confusion:
             names = list(split_data.info.fine_names)
@@ -135,9 +137,7 @@ def run_stats(run_dir, config, load_training):
     run that has written neither yet (an older run still in its classification phase), recomputed from its
     training split as the run loaded it (`load_training()`)."""
     from keras_cwsn import data as data_lib
-    from keras_cwsn.export import ASSET_FILE
-
-    asset = os.path.join(run_dir, "classifier", "assets", ASSET_FILE)
+    asset = os.path.join(run_dir, "classifier", "assets", MODEL_INFO_ASSET)
     if os.path.exists(asset):
         with open(asset) as f:
             return json.load(f)["preprocessing"]

@@ -29,12 +29,10 @@ import tensorflow as tf
 
 from keras_cwsn.constants import MODEL_INFO_ASSET
 from keras_cwsn.data import preprocess
-from keras_cwsn.models import CLASSIFIER_OUTPUT
+from keras_cwsn.variants import CLASSIFIER_OUTPUT
 
-ASSET_FILE = MODEL_INFO_ASSET
 SIGNATURES = ("serving_default", "serve_jpeg")
 INPUTS = {"serving_default": "images", "serve_jpeg": "image_bytes"}
-OUTPUTS = ("probabilities", "class_ids", "class_names", "top_k_ids", "top_k_scores", "top_k_names")
 # Leading bytes of the formats `tf.io.decode_image` reads; anything else is refused with a clear error.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")
 
@@ -244,7 +242,7 @@ def export_classifier(classifier, path, class_names, image_size, stats, metadata
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     with tempfile.TemporaryDirectory(prefix="cwsn-export-") as scratch:
-        info_path = os.path.join(scratch, ASSET_FILE)
+        info_path = os.path.join(scratch, MODEL_INFO_ASSET)
         with open(info_path, "w") as f:
             json.dump(model_info(class_names, image_size, stats, metadata, top_k), f, indent=2, default=_jsonable)
             f.write("\n")
@@ -260,9 +258,9 @@ def export_classifier(classifier, path, class_names, image_size, stats, metadata
         archive.add_endpoint("serving_default", serve_images)
         archive.add_endpoint("serve_jpeg", serve_jpeg)
         archive.write_out(tmp, verbose=False)
-        if not os.path.isfile(os.path.join(tmp, "assets", ASSET_FILE)):  # never left out, whatever TF does
+        if not os.path.isfile(os.path.join(tmp, "assets", MODEL_INFO_ASSET)):  # never left out, whatever TF does
             os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
-            shutil.copyfile(info_path, os.path.join(tmp, "assets", ASSET_FILE))
+            shutil.copyfile(info_path, os.path.join(tmp, "assets", MODEL_INFO_ASSET))
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -1,15 +1,17 @@
-"""Clustering metrics (Hungarian accuracy, NMI, purity) and a callback that logs them every epoch.
+"""Clustering metrics (Hungarian accuracy, NMI, purity), the spread over seeds, and a callback that logs them.
 
-Metrics are NumPy/SciPy/scikit-learn on `predict()` output, outside the graph.
+Metrics are NumPy/SciPy/scikit-learn on `predict()` output, outside the graph. The callback
+(`ClusteringMetrics`, in `keras_cwsn.clustering_callback`) is imported on first use: it needs Keras,
+the figures do not, so `report` reads them without loading Keras or TensorFlow.
 """
 
-import time
-
-import keras
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import confusion_matrix, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
+
+from keras_cwsn._lazy import lazy_getattr
+from keras_cwsn.constants import CLUSTER_OUTPUT, PREDICT_BATCH
 
 NMI_AVERAGE = "arithmetic"  # scikit-learn's default: I(Y;C) / mean(H(Y), H(C)); stated in the README
 
@@ -127,7 +129,13 @@ def pair_separability(train_features, train_second, eval_features, eval_second):
     return float(probe.score(train_features, train_second)), float(probe.score(eval_features, eval_second))
 
 
-def predict_clusters(model, data, output="fine_fc3", batch_size=256):
+def seed_std(values):
+    """The sample standard deviation over seeds (n - 1: a handful of seeds estimates a spread), None for one seed."""
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1)) if values.size > 1 else None
+
+
+def predict_clusters(model, data, output=CLUSTER_OUTPUT, batch_size=PREDICT_BATCH):
     """Cluster id (argmax of the named output) for every example of `data` (array or dataset of images)."""
     predictions = model.predict(data, batch_size=batch_size if not _is_dataset(data) else None, verbose=0)
     if isinstance(predictions, dict):
@@ -141,52 +149,4 @@ def _is_dataset(data):
     return not isinstance(data, np.ndarray)
 
 
-class ClusteringMetrics(keras.callbacks.Callback):
-    """Put clustering accuracy, NMI and purity of one output into the epoch logs.
-
-    Placed before TensorBoard/CSVLogger in the callback list, the figures reach them and History.
-
-    Args:
-        images: array (N, H, W, 3) or a dataset yielding image batches (no labels).
-        labels: int array (N,). Labels at the output's hierarchy level.
-        output: str. Model output to cluster by (argmax). Defaults to `"fine_fc3"`.
-        prefix: str. Prefix of the log keys, e.g. `"val_"`. Defaults to `"val_"`.
-        every: int. Compute every this many epochs (and at the last). Defaults to 1.
-        mapping_images, mapping_labels: optional data on which the Hungarian mapping is fitted
-            (the training split); by default it is fitted on the evaluated data itself.
-    """
-
-    def __init__(self, images, labels, output="fine_fc3", prefix="val_", every=1, mapping_images=None,
-                 mapping_labels=None, batch_size=256):
-        super().__init__()
-        if int(every) < 1:
-            raise ValueError(f"every must be >= 1. Received: every={every}")
-        self.images, self.labels = images, np.asarray(labels).astype(np.int64)
-        self.output, self.prefix, self.every = output, prefix, int(every)
-        self.mapping_images, self.mapping_labels = mapping_images, mapping_labels
-        self.batch_size = batch_size
-
-    def on_epoch_end(self, epoch, logs=None):
-        last = self.params and epoch + 1 == self.params.get("epochs")
-        if logs is None or ((epoch + 1) % self.every and not last):
-            return
-        start = time.perf_counter()
-        clusters = predict_clusters(self.model, self.images, self.output, self.batch_size)
-        mapping = None
-        if self.mapping_images is not None:
-            train_clusters = predict_clusters(self.model, self.mapping_images, self.output, self.batch_size)
-            mapping = hungarian_mapping(self.mapping_labels, train_clusters, num_clusters=None)
-            mapping = _extend(mapping, clusters)
-        for key, value in clustering_report(self.labels, clusters, mapping).items():
-            logs[self.prefix + key] = value
-        logs["figures_seconds"] = round(time.perf_counter() - start, 3)  # what these figures cost the epoch
-
-
-def _extend(mapping, clusters):
-    """Map clusters never seen when fitting the mapping to class -1, so they count as errors instead of crashing."""
-    size = int(max(len(mapping), np.max(clusters) + 1))
-    extended = np.zeros(size, dtype=np.int64)
-    extended[: len(mapping)] = mapping
-    if size > len(mapping):
-        extended[len(mapping):] = -1
-    return extended
+__getattr__ = lazy_getattr("keras_cwsn", {"clustering_callback": ("ClusteringMetrics",)})

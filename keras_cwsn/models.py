@@ -1,62 +1,19 @@
 """LeNet and AlexNet clusterers/classifiers with one named output per loss-bearing layer (Fig. 2).
 
-The variant table is data: which layer carries which level's pairwise loss, with which weight.
+Which layer carries which level's pairwise loss is the variant table (`keras_cwsn.variants`).
 The loss-bearing tensor of a layer is its linear output (before BN/ReLU); the loss applies the softmax.
 """
 
-import collections
 import math
 
 import keras
 from keras import layers
 
-LossTap = collections.namedtuple("LossTap", ["level", "layer", "weight"])
+from keras_cwsn.constants import ARCHS, BATCHNORMS, INITS, LAST_LAYER
+from keras_cwsn.variants import ALL_VARIANTS, CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, output_name, variant_taps
 
-# The paper's Fig. 2 / Appendix B (weights read earliest layer first: README, "Decisions where the
-# paper is silent"). `fc1_side` is variant D's side branch: a Dense layer parallel to fc1, fed by
-# the same input, whose output feeds nothing else.
-VARIANTS = {
-    "A": (LossTap("fine", "fc3", 1.0),),
-    "B": (LossTap("fine", "fc2", 0.2), LossTap("fine", "fc3", 0.8)),
-    "C": (LossTap("coarse", "fc1", 0.4), LossTap("fine", "fc2", 0.2), LossTap("fine", "fc3", 0.4)),
-    "D": (LossTap("coarse", "fc1_side", 0.4), LossTap("fine", "fc2", 0.2), LossTap("fine", "fc3", 0.4)),
-}
-CLASSIFIER_VARIANT = "ce"
-ALL_VARIANTS = tuple(VARIANTS) + (CLASSIFIER_VARIANT,)
-ARCHS = ("lenet", "alexnet")
 DEFAULT_INPUT_SHAPES = {"lenet": (32, 32, 3), "alexnet": (224, 224, 3)}
-CLASSIFIER_OUTPUT = "probabilities"
-SIDE_BRANCH_LAYERS = ("fc1_side",)
-LAST_LAYER = "fc3"  # the fine clusters' (clusterer) or classes' (classifier) logits, in every arch
-INITS = ("torch", "keras")  # how conv and dense weights start: PyTorch's defaults (the paper's) or Keras's
-# BatchNormalization (momentum, epsilon): Keras's defaults, or PyTorch's (its momentum 0.1 weighs the new
-# batch, i.e. Keras momentum 0.9; epsilon 1e-5), which the paper's code had. PyTorch's running variance
-# also takes the unbiased batch variance (n / (n - 1)), Keras's the biased one: that difference stays.
-BATCHNORMS = {"keras": (0.99, 1e-3), "torch": (0.9, 1e-5)}
 
-
-def output_name(tap):
-    """Name of the model output for a loss tap, e.g. `fine_fc3`, `coarse_fc1_side`."""
-    return f"{tap.level}_{tap.layer}"
-
-
-def variant_taps(variant):
-    """The loss taps of a clustering variant (A, B, C or D)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant. Expected one of {', '.join(VARIANTS)}. Received: variant={variant!r}")
-    return VARIANTS[variant]
-
-
-def variant_levels(variant):
-    """Map output name -> hierarchy level ("fine"/"coarse") for a variant, `ce` included."""
-    if variant == CLASSIFIER_VARIANT:
-        return {CLASSIFIER_OUTPUT: "fine"}
-    return {output_name(t): t.level for t in variant_taps(variant)}
-
-
-def variant_loss_weights(variant):
-    """Map output name -> loss weight for a clustering variant."""
-    return {output_name(t): t.weight for t in variant_taps(variant)}
 
 
 def _initializers(init, fan_in):
@@ -177,13 +134,13 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
     x = _post_fc(hidden["fc1"], "fc1", fc_style, dropout, batchnorm)
     hidden["fc2"] = _dense(x, fc2_units * width, "fc2", init)
     x = _post_fc(hidden["fc2"], "fc2", fc_style, dropout, batchnorm, last=True)
-    hidden["fc3"] = _dense(x, num_fine, LAST_LAYER, init)
+    hidden[LAST_LAYER] = _dense(x, num_fine, LAST_LAYER, init)
     if any(t.layer == "fc1_side" for t in taps):
         hidden["fc1_side"] = _dense(features, fc1_units * width, "fc1_side", init)
 
     # Functional graph
     if variant == CLASSIFIER_VARIANT:
-        outputs = {CLASSIFIER_OUTPUT: layers.Softmax(name=CLASSIFIER_OUTPUT, dtype="float32")(hidden["fc3"])}
+        outputs = {CLASSIFIER_OUTPUT: layers.Softmax(name=CLASSIFIER_OUTPUT, dtype="float32")(hidden[LAST_LAYER])}
     else:
         outputs = {output_name(t): hidden[t.layer] for t in taps}
     return keras.Model(inputs, outputs, name=name or f"{arch}_{variant}")
@@ -204,7 +161,3 @@ def penultimate_model(model):
     """A model from the same input to the fc2 activations (the embedding shown in the Projector)."""
     return keras.Model(model.input, model.get_layer("fc2_relu").output, name=f"{model.name}_embedding")
 
-
-def fc3_logits_model(model):
-    """A model from the same input to fc3's logits (the clusterer's cluster scores)."""
-    return keras.Model(model.input, model.get_layer("fc3").output, name=f"{model.name}_fc3")

@@ -10,7 +10,7 @@ paper; `decoupled` is Keras's.
 import keras
 from keras import ops
 
-WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+from keras_cwsn.constants import WEIGHT_DECAY_MODES  # noqa: F401 (re-exported)
 
 
 @keras.saving.register_keras_serializable(package="keras_cwsn")

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from keras_cwsn.constants import IMAGE_EXTENSIONS
-from keras_cwsn.constants import MODEL_INFO_ASSET as ASSET_FILE
+from keras_cwsn.constants import MODEL_INFO_ASSET
 from keras_cwsn.errors import UsageError, print_error
 
 SIGNATURE = "serve_jpeg"
@@ -101,7 +101,7 @@ def load_model(model_dir):
         raise UsageError(f"{model_dir} has no {SIGNATURE!r} signature (it has {sorted(loaded.signatures)}); "
                          f"export it with keras_cwsn.export")
     info = {}
-    info_path = os.path.join(model_dir, "assets", ASSET_FILE)
+    info_path = os.path.join(model_dir, "assets", MODEL_INFO_ASSET)
     if os.path.isfile(info_path):
         try:
             with open(info_path) as f:

@@ -3,10 +3,8 @@
 import keras
 import numpy as np
 
-from keras_cwsn.models import SIDE_BRANCH_LAYERS
-
-HEADS = ("hungarian", "copy", "fresh")
-HEAD_LAYER = "fc3"
+from keras_cwsn.constants import HEADS, LAST_LAYER
+from keras_cwsn.variants import SIDE_BRANCH_LAYERS
 
 
 def transfer_weights(clusterer, classifier, head="hungarian", mapping=None):
@@ -47,13 +45,13 @@ def transfer_weights(clusterer, classifier, head="hungarian", mapping=None):
                          + "\n  ".join(problems))
     order = None
     if head == "hungarian":
-        order = _head_order(mapping, classifier.get_layer(HEAD_LAYER).weights[0].shape[-1])
+        order = _head_order(mapping, classifier.get_layer(LAST_LAYER).weights[0].shape[-1])
     copied = []
     for layer in plan:
         if layer.name in SIDE_BRANCH_LAYERS:
             continue
         weights = source[layer.name].get_weights()
-        if layer.name == HEAD_LAYER:
+        if layer.name == LAST_LAYER:
             if head == "fresh":
                 continue
             if order is not None:

@@ -27,6 +27,8 @@ import sys
 import tarfile
 import time
 
+from keras_cwsn.constants import PHASES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_EPOCHS = 95
 SMALL_FILES = ("metrics.json", "cluster_result.json", "cluster_history.csv", "classify_history.csv", "config.json")
@@ -123,7 +125,7 @@ def probe(runs, args, env, deadline):
     epochs, spent = [], []
     for v, s in runs:
         directory = run_dir(out, v, s)
-        rows = {phase: history(os.path.join(directory, f"{phase}_history.csv")) for phase in ("cluster", "classify")}
+        rows = {phase: history(os.path.join(directory, f"{phase}_history.csv")) for phase in PHASES}
         if (v != "ce" and len(rows["cluster"]) < 2) or len(rows["classify"]) < 2:
             raise PlanError(f"the probe run {v}:{s} failed; see {os.path.join(directory, 'train.log')}")
         timed = rows["cluster" if v != "ce" else "classify"][1]
@@ -151,7 +153,7 @@ def summary_rows(out, runs):
                 m = json.load(f)
             rows.append((v, s, "finished", m.get("cluster_accuracy"), m.get("nmi"), m.get("classification_accuracy")))
         else:
-            done = {p: len(history(os.path.join(directory, f"{p}_history.csv"))) for p in ("cluster", "classify")}
+            done = {p: len(history(os.path.join(directory, f"{p}_history.csv"))) for p in PHASES}
             rows.append((v, s, f"stopped (cluster {done['cluster']}, classify {done['classify']} epochs)",
                          None, None, None))
     return rows

@@ -26,7 +26,8 @@ tf = pytest.importorskip("tensorflow", reason="TensorFlow only: the benchmarks' 
 from conftest import ROOT as CHECKOUT  # noqa: E402
 from conftest import imagenet_reference, subprocess_env  # noqa: E402
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
-from keras_cwsn.models import build_model, variant_levels, variant_loss_weights  # noqa: E402
+from keras_cwsn.models import build_model  # noqa: E402
+from keras_cwsn.variants import variant_levels, variant_loss_weights  # noqa: E402
 from keras_cwsn.optional import onednn_enabled  # noqa: E402
 
 ROOT = Path(CHECKOUT)

@@ -28,7 +28,8 @@ _CHECKS = TWO_CPU_REPLICAS + textwrap.dedent('''
 
     from keras_cwsn import distribute, training
     from keras_cwsn.losses import PairwiseKLLoss, pairwise_kl_loss
-    from keras_cwsn.models import build_model, variant_loss_weights
+    from keras_cwsn.models import build_model
+    from keras_cwsn.variants import variant_loss_weights
 
     out = {}
     tf.config.experimental.enable_op_determinism()

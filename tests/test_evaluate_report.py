@@ -24,7 +24,8 @@ from conftest import (  # noqa: E402
     make_cifar_tree,
     mapped_matches,
 )
-from keras_cwsn import evaluate, report  # noqa: E402
+from keras_cwsn import evaluate  # noqa: E402
+from keras_cwsn.report import cli, tables  # noqa: E402
 
 PER_CLASS, VAL_PER_CLASS = 8, 2
 
@@ -237,7 +238,7 @@ def test_report_table(tmp_path, capsys):
     _metrics(tmp_path / "ce" / "seed_0", "ce", 0, 0.70)
     _metrics(tmp_path / "ce" / "seed_1", "ce", 1, 0.72)
     _metrics(tmp_path / "a" / "seed_0", "A", 0, 0.75, cluster=0.6)
-    assert report.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
+    assert cli.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
     table = capsys.readouterr().out
     assert "### cifar10 / lenet, schedule_scale 0.5" in table
     ce_row = next(line for line in table.splitlines() if line.startswith("| ce "))
@@ -246,10 +247,10 @@ def test_report_table(tmp_path, capsys):
     assert "| 60.00 (best 60.00) |" in a_row and "±" not in a_row.split("|")[3] and "74.21 / 0.55 / 0.74 / 75.75" in a_row
     assert a_row.rstrip().endswith("| — |")  # one run: no test against the baseline
     _metrics(tmp_path / "a" / "seed_1", "A", 1, 0.77, cluster=0.6)
-    assert report.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
+    assert cli.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
     a_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| A "))
     assert a_row.rstrip().endswith("| +5.00 (p = 0.07) |")  # Welch: t = 5 / sqrt(2/2 + 2/2) = 3.54, 2 degrees of freedom
-    assert report.main([str(tmp_path / "none")]) == 2
+    assert cli.main([str(tmp_path / "none")]) == 2
 
 
 def test_report_keeps_other_recipes_in_rows_of_their_own_against_their_own_baseline(tmp_path, capsys):
@@ -261,30 +262,30 @@ def test_report_keeps_other_recipes_in_rows_of_their_own_against_their_own_basel
                  weight_decay_mode="decoupled")
         _metrics(tmp_path / "a-mcl-keras" / f"seed_{seed}", "A", seed, 0.80, cluster=0.7, criterion="mcl",
                  init="keras")
-    assert report.main([str(tmp_path / d) for d in ("ce", "a", "ce-dec", "a-dec", "a-mcl-keras")]) == 0
+    assert cli.main([str(tmp_path / d) for d in ("ce", "a", "ce-dec", "a-dec", "a-mcl-keras")]) == 0
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert {"ce", "A", "ce decoupled-wd", "A decoupled-wd", "A mcl keras-init"} <= set(rows)
     assert "71.00 ± 1.41" in rows["ce"] and "61.00 ± 1.41" in rows["ce decoupled-wd"]  # never averaged together
     assert rows["A"].rstrip().endswith("| +5.00 (p = 0.07) |")  # against the coupled ce
     assert rows["A decoupled-wd"].rstrip().endswith("| +1.00 (p = 0.55) |")  # t = 1 / sqrt(2), 2 d.f.; vs the coupled ce: -9
     assert rows["A mcl keras-init"].rstrip().endswith("| — |")  # no ce with keras-init: no comparison
-    assert report.row_label({"variant": "ce", "criterion": "mcl", "init": "keras", "weight_decay_mode": "coupled"}) \
+    assert tables.row_label({"variant": "ce", "criterion": "mcl", "init": "keras", "weight_decay_mode": "coupled"}) \
         == "ce keras-init"
     # A run from before the keys existed is read as the code ran then, as resuming reads it: decoupled decay,
     # Keras's initialisation.
-    assert report.row_label({"variant": "D"}) == "D decoupled-wd keras-init"
-    assert report.row_label({"variant": "D", "weight_decay_mode": "coupled", "init": "torch"}) == "D"
+    assert tables.row_label({"variant": "D"}) == "D decoupled-wd keras-init"
+    assert tables.row_label({"variant": "D", "weight_decay_mode": "coupled", "init": "torch"}) == "D"
     config = {"variant": "A", "criterion": "mcl", "margin": 1.0, "head": "copy", "weight_decay_mode": "decoupled",
               "init": "keras", "batchnorm": "torch", "augment": True, "last_layer_weight_decay": False}
-    assert report.row_label(config) == "A mcl margin-1 copy-head decoupled-wd keras-init torch-bn augment no-fc3-wd"
-    assert report.baseline_label(config) == "ce decoupled-wd keras-init torch-bn augment no-fc3-wd"
+    assert tables.row_label(config) == "A mcl margin-1 copy-head decoupled-wd keras-init torch-bn augment no-fc3-wd"
+    assert tables.baseline_label(config) == "ce decoupled-wd keras-init torch-bn augment no-fc3-wd"
 
 
 def test_report_says_p_below_001_rather_than_p_zero(tmp_path, capsys):
     for seed, (ce, a) in enumerate(((0.700, 0.800), (0.701, 0.801), (0.702, 0.803))):
         _metrics(tmp_path / "ce" / f"seed_{seed}", "ce", seed, ce)
         _metrics(tmp_path / "a" / f"seed_{seed}", "A", seed, a, cluster=0.6)
-    assert report.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
+    assert cli.main([str(tmp_path / "ce"), str(tmp_path / "a")]) == 0
     a_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| A "))
     assert a_row.rstrip().endswith("| +10.03 (p < 0.01) |")
 
@@ -293,6 +294,6 @@ def test_a_run_with_the_default_settings_gets_the_plain_row():
     """ROW_SETTINGS' defaults are the config's: a run made with today's defaults is the paper's row ("A")."""
     from keras_cwsn.config import DEFAULTS
 
-    for key, (default, _, _) in report.ROW_SETTINGS.items():
+    for key, (default, _, _) in tables.ROW_SETTINGS.items():
         assert DEFAULTS[key] == default, key
-    assert report.row_label({**DEFAULTS, "variant": "A"}) == "A" and DEFAULTS["init"] == "torch"
+    assert tables.row_label({**DEFAULTS, "variant": "A"}) == "A" and DEFAULTS["init"] == "torch"

@@ -24,6 +24,7 @@ tf = pytest.importorskip("tensorflow", reason="TensorFlow only: the SavedModel e
 from conftest import subprocess_env, uv_stats_reference, yuv_reference  # noqa: E402
 from keras_cwsn import data as data_lib  # noqa: E402
 from keras_cwsn import export as export_lib  # noqa: E402
+from keras_cwsn.constants import MODEL_INFO_ASSET  # noqa: E402
 
 # Runs in a fresh interpreter: TensorFlow only, no keras_cwsn. Calls every case in order (the
 # error cases sit between good calls: the process must go on serving after them).
@@ -164,7 +165,7 @@ def test_fingerprint_is_written(run):
 
 
 def test_model_info_asset_is_present_and_registered(run):
-    with open(os.path.join(run["model_dir"], "assets", export_lib.ASSET_FILE)) as f:
+    with open(os.path.join(run["model_dir"], "assets", MODEL_INFO_ASSET)) as f:
         info = json.load(f)
     assert info["class_names"] == run["class_names"]
     assert info["dataset"] == "synthetic" and info["variant"] == "D"
@@ -176,7 +177,7 @@ def test_model_info_asset_is_present_and_registered(run):
     saved_model = saved_model_pb2.SavedModel()
     with open(os.path.join(run["model_dir"], "saved_model.pb"), "rb") as f:
         saved_model.ParseFromString(f.read())
-    assert [a.filename for a in saved_model.meta_graphs[0].asset_file_def] == [export_lib.ASSET_FILE]
+    assert [a.filename for a in saved_model.meta_graphs[0].asset_file_def] == [MODEL_INFO_ASSET]
 
 
 def test_fresh_process_sees_both_signatures_without_keras_cwsn(served):

@@ -7,12 +7,8 @@ import pytest
 from conftest import random_images
 from keras_cwsn import models
 from keras_cwsn.losses import PairwiseKLLoss
-from keras_cwsn.models import (
-    VARIANTS,
-    build_model,
-    variant_levels,
-    variant_loss_weights,
-)
+from keras_cwsn.models import build_model
+from keras_cwsn.variants import VARIANTS, variant_levels, variant_loss_weights
 
 NUM_FINE, NUM_COARSE = 4, 2
 EXPECTED_OUTPUTS = {

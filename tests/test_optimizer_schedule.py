@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_clusterer
 from keras_cwsn.optimizers import CoupledSGD
-from keras_cwsn.training import EpochLearningRate, build_optimizer
+from keras_cwsn.training import StepLearningRate, build_optimizer
 
 
 def _two_steps(optimizer, w0, g):
@@ -114,7 +114,8 @@ class _RateSeen(keras.callbacks.Callback):
             self.rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
 
-def test_epoch_learning_rate_steps_the_optimizer_at_each_milestone():
+def _fit_with_schedule(initial_epoch=0):
+    """(the rate each epoch's steps used, the logged rates) of a tiny fit to epoch 4 on a two-milestone schedule."""
     keras.utils.set_random_seed(0)
     model = tiny_clusterer(3)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss={"fine_fc3": "sparse_categorical_crossentropy"})
@@ -122,8 +123,20 @@ def test_epoch_learning_rate_steps_the_optimizer_at_each_milestone():
     seen = _RateSeen()
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((8, 6)).astype(np.float32), {"fine_fc3": rng.integers(0, 3, 8)}
-    history = model.fit(x, y, batch_size=4, epochs=4, verbose=0, shuffle=False,
-                        callbacks=[EpochLearningRate(settings), seen])
+    history = model.fit(x, y, batch_size=4, epochs=4, initial_epoch=initial_epoch, verbose=0, shuffle=False,
+                        callbacks=[StepLearningRate(settings), seen])
+    return seen.rates, history.history["learning_rate"]
+
+
+def test_step_learning_rate_steps_the_optimizer_at_each_milestone():
+    used, logged = _fit_with_schedule()
     expected = [0.1, 0.05, 0.05, 0.025]  # halved entering epoch 1 and epoch 3 (counted from 0)
-    assert seen.rates == pytest.approx(expected, rel=1e-6)
-    assert history.history["learning_rate"] == pytest.approx(expected, rel=1e-6)
+    assert used == pytest.approx(expected, rel=1e-6)
+    assert logged == expected  # the schedule's own values, not float32 copies
+
+
+def test_step_learning_rate_on_a_resumed_fit_starts_at_the_resumed_epoch():
+    """A fit resumed at epoch 2 (`initial_epoch`) runs epochs 2 and 3 at the rates an uninterrupted fit had."""
+    used, logged = _fit_with_schedule(initial_epoch=2)
+    assert used == pytest.approx([0.05, 0.025], rel=1e-6)
+    assert logged == [0.05, 0.025]

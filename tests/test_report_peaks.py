@@ -4,7 +4,7 @@ histories, checked against hand values."""
 import numpy as np
 import pytest
 
-from keras_cwsn import report
+from keras_cwsn.report import cli, histories, tables
 from report_helpers import CLASSIFY_HEADER, write_run
 
 
@@ -26,22 +26,22 @@ def _rows(text):
 
 
 def test_run_peak_is_the_best_epoch_counted_from_one(runs):
-    assert report.run_peak(str(runs / "A" / "seed_0"), "cluster_accuracy") == pytest.approx((40.0, 2))
-    assert report.run_peak(str(runs / "A" / "seed_1"), "classification_accuracy") == pytest.approx((76.0, 1))
-    assert report.run_peak(str(runs / "ce" / "seed_0"), "cluster_accuracy") is None  # ce has no cluster phase
+    assert histories.run_peak(str(runs / "A" / "seed_0"), "cluster_accuracy") == pytest.approx((40.0, 2))
+    assert histories.run_peak(str(runs / "A" / "seed_1"), "classification_accuracy") == pytest.approx((76.0, 1))
+    assert histories.run_peak(str(runs / "ce" / "seed_0"), "cluster_accuracy") is None  # ce has no cluster phase
 
 
 def test_run_peak_skips_empty_epochs_and_takes_the_first_of_a_tie(tmp_path):
     (tmp_path / "classify_history.csv").write_text(
         CLASSIFY_HEADER + "\n0,0.1,0.01,1,0.50,1\n1,0.1,0.01,1,,1\n2,0.1,0.01,1,0.60,1\n3,0.1,0.01,1,0.60,1\n")
-    assert report.run_peak(str(tmp_path), "classification_accuracy") == pytest.approx((60.0, 3))
+    assert histories.run_peak(str(tmp_path), "classification_accuracy") == pytest.approx((60.0, 3))
     (tmp_path / "classify_history.csv").write_text(CLASSIFY_HEADER + "\n0,0.1,0.01,1,,1\n")
-    assert report.run_peak(str(tmp_path), "classification_accuracy") is None
+    assert histories.run_peak(str(tmp_path), "classification_accuracy") is None
 
 
 def test_peak_table_by_hand(runs):
-    groups = report.group_runs(report.find_metrics([str(runs)]))
-    text = report.peak_table(groups)
+    groups = tables.group_runs(tables.find_metrics([str(runs)]))
+    text = tables.peak_table(groups)
     assert "### cifar10 / lenet, schedule_scale 0.5: best epoch" in text
     rows = _rows(text)
     assert list(rows) == ["ce", "A"]
@@ -57,14 +57,14 @@ def test_peak_table_by_hand(runs):
 
 def test_runs_without_histories_are_left_out_of_their_row(runs):
     write_run(runs / "A" / "seed_2", "A", 2, acc=0.5)  # metrics.json only
-    rows = _rows(report.peak_table(report.group_runs(report.find_metrics([str(runs)]))))
+    rows = _rows(tables.peak_table(tables.group_runs(tables.find_metrics([str(runs)]))))
     assert rows["A"][1] == "0,1,2" and rows["A"][3] == "2, 3"  # seed 2 has no epoch to show
     assert rows["A"][6] == f"{(71.0 + 72.0 + 50.0) / 3:.2f}"  # but its last-epoch figure counts
 
 
 def test_main_prints_the_peaks_only_when_asked(runs, capsys):
-    assert report.main([str(runs)]) == 0
+    assert cli.main([str(runs)]) == 0
     assert "best epoch" not in capsys.readouterr().out
-    assert report.main([str(runs), "--peaks"]) == 0
+    assert cli.main([str(runs), "--peaks"]) == 0
     out = capsys.readouterr().out
     assert out.index("### cifar10 / lenet, schedule_scale 0.5\n") < out.index("schedule_scale 0.5: best epoch")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env
-from keras_cwsn import report
+from keras_cwsn.report import cli, histories, plots, tables
 from report_helpers import CLASSIFY_HEADER, write_run
 
 pytest.importorskip("matplotlib")
@@ -29,7 +29,7 @@ def runs(tmp_path):
 
 
 def test_aggregate_curves_by_hand():
-    agg = report.aggregate_curves([(np.array([0, 1, 2]), np.array([0.2, 0.3, 0.4])),
+    agg = plots.aggregate_curves([(np.array([0, 1, 2]), np.array([0.2, 0.3, 0.4])),
                                    (np.array([0, 1]), np.array([0.4, 0.5]))])
     np.testing.assert_array_equal(agg["epoch"], [0, 1, 2])
     np.testing.assert_allclose(agg["mean"], [0.3, 0.4, 0.4])
@@ -38,7 +38,7 @@ def test_aggregate_curves_by_hand():
     np.testing.assert_array_equal(agg["count"], [2, 2, 1])
     np.testing.assert_allclose(agg["std"][:2], [np.sqrt(0.02), np.sqrt(0.02)])  # sample std (n - 1)
     assert np.isnan(agg["std"][2])  # one run reached epoch 2: no spread
-    single = report.aggregate_curves([(np.array([0, 1]), np.array([0.1, 0.2]))])
+    single = plots.aggregate_curves([(np.array([0, 1]), np.array([0.1, 0.2]))])
     np.testing.assert_allclose(single["mean"], [0.1, 0.2])
     assert np.all(np.isnan(single["std"]))
 
@@ -47,15 +47,15 @@ def test_read_history_last_row_of_a_repeated_epoch_wins(tmp_path):
     path = tmp_path / "classify_history.csv"
     path.write_text(CLASSIFY_HEADER + "\n0,0.1,0.01,1,0.50,1\n1,0.1,0.01,1,0.60,1\n1,0.1,0.01,1,0.65,1\n"
                     "2,0.1,0.01,1,,1\n")
-    history = report.read_history(str(path))
+    history = histories.read_history(str(path))
     np.testing.assert_array_equal(history["epoch"], [0, 1, 2])
     np.testing.assert_allclose(history["val_accuracy"][:2], [0.50, 0.65])  # the resumed epoch 1's row
     assert np.isnan(history["val_accuracy"][2])
 
 
 def test_table_curves_equal_the_csv_values(runs):
-    groups = report.group_runs(report.find_metrics([str(runs / d) for d in ("ce", "A", "A-mcl")]))
-    curves = report.table_curves(groups)
+    groups = tables.group_runs(tables.find_metrics([str(runs / d) for d in ("ce", "A", "A-mcl")]))
+    curves = plots.table_curves(groups)
     assert list(curves) == [("cifar10", "lenet", False, 0.5)]
     table = curves[("cifar10", "lenet", False, 0.5)]
     assert list(table["cluster_accuracy"]) == ["A", "A mcl"]  # ce has no cluster phase
@@ -81,10 +81,10 @@ def test_table_curves_equal_the_csv_values(runs):
 def test_plotted_lines_are_the_aggregates(runs):
     import matplotlib.pyplot as plt
 
-    groups = report.group_runs(report.find_metrics([str(runs)]))
+    groups = tables.group_runs(tables.find_metrics([str(runs)]))
     key = ("cifar10", "lenet", False, 0.5)
-    curves = report.table_curves(groups)[key]
-    figures = report.make_figures(key, curves)
+    curves = plots.table_curves(groups)[key]
+    figures = plots.make_figures(key, curves)
     assert set(figures) == {"cluster", "classify"}
     accuracy_axes, nmi_axes = figures["cluster"].axes
     for ax, figure in ((accuracy_axes, "cluster_accuracy"), (nmi_axes, "nmi")):
@@ -104,7 +104,7 @@ def test_plotted_lines_are_the_aggregates(runs):
 
 def test_main_writes_valid_pngs_and_the_table(runs, tmp_path, capsys):
     out = tmp_path / "figures"
-    assert report.main([str(runs / "ce"), str(runs / "A"), str(runs / "A-mcl"), "--plots", str(out)]) == 0
+    assert cli.main([str(runs / "ce"), str(runs / "A"), str(runs / "A-mcl"), "--plots", str(out)]) == 0
     captured = capsys.readouterr()
     assert "### cifar10 / lenet, schedule_scale 0.5" in captured.out
     assert "| A mcl | 0 |" in captured.out and "74.21 / 0.55 / 0.74 / 75.75" in captured.out
@@ -126,33 +126,33 @@ def test_runs_without_histories_give_no_figure(tmp_path, capsys):
     write_run(tmp_path / "ce" / "seed_0", "ce", 0)
     write_run(tmp_path / "ce" / "seed_1", "ce", 1, classify=[0.5, 0.6])  # one seed with a history: plotted alone
     out = tmp_path / "figures"
-    assert report.main([str(tmp_path / "ce"), "--plots", str(out)]) == 0
+    assert cli.main([str(tmp_path / "ce"), "--plots", str(out)]) == 0
     assert os.listdir(out) == ["cifar10-lenet-s0.5-classify.png"]
     assert "| ce | 0,1 |" in capsys.readouterr().out
 
 
 def test_missing_matplotlib_is_one_clear_line(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
-    assert report.main([str(runs / "A"), "--plots", str(tmp_path / "figures")]) == 2
+    assert cli.main([str(runs / "A"), "--plots", str(tmp_path / "figures")]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing half-done
     assert captured.err.strip().splitlines() == [
         "error: --plots needs matplotlib, which is not installed: pip install matplotlib"]
     assert not (tmp_path / "figures").exists()
     # Without --plots the report does not need it.
-    assert report.main([str(runs / "A")]) == 0
+    assert cli.main([str(runs / "A")]) == 0
 
 
 def test_figure_slug():
-    assert report.figure_slug(("cifar10", "lenet", False, 0.0632)) == "cifar10-lenet-s0.0632"
-    assert report.figure_slug(("birdsnap34", "alexnet", True, 1.0)) == "birdsnap34-alexnet-double-s1"
-    slug = report.figure_slug(('synthetic {"num_coarse": 4}', "lenet", False, 1.0))
+    assert plots.figure_slug(("cifar10", "lenet", False, 0.0632)) == "cifar10-lenet-s0.0632"
+    assert plots.figure_slug(("birdsnap34", "alexnet", True, 1.0)) == "birdsnap34-alexnet-double-s1"
+    slug = plots.figure_slug(('synthetic {"num_coarse": 4}', "lenet", False, 1.0))
     assert slug.startswith("synthetic-") and slug.endswith("-lenet-s1") and " " not in slug and "{" not in slug
 
 
 def test_report_with_plots_loads_no_tensorflow(runs, tmp_path):
-    code = ("import sys; from keras_cwsn import report; "
-            f"code = report.main([{str(runs)!r}, '--plots', {str(tmp_path / 'figs')!r}]); "
+    code = ("import sys; from keras_cwsn.report import cli; "
+            f"code = cli.main([{str(runs)!r}, '--plots', {str(tmp_path / 'figs')!r}]); "
             "print('RESULTS', code, any(m == 'tensorflow' or m.startswith('tensorflow.') or m == 'keras' "
             "for m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -167,7 +167,7 @@ def test_report_with_plots_loads_no_tensorflow(runs, tmp_path):
     ["ce", "A", "A keras-init", "C", "C keras-init", "ce keras-init"],
 ])
 def test_every_row_of_a_table_gets_its_own_line_style(labels):
-    styles = report._styles(labels)
+    styles = plots._styles(labels)
     assert len({(s["color"], str(s["linestyle"])) for s in styles.values()}) == len(labels)
     plain = labels[1]  # the fewest settings: the variant's own colour, solid
     assert styles[plain] == {"color": "C0", "linestyle": "-"}

@@ -6,8 +6,6 @@ import os
 
 import numpy as np
 
-TABLES_DIR = os.path.join(os.path.dirname(__file__), "tables")
-
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -52,9 +50,6 @@ class DatasetInfo:
     def coarse_of(self, fine_labels):
         """Coarse labels of an array of fine labels."""
         return np.asarray(self.fine_to_coarse, dtype=np.int64)[np.asarray(fine_labels)]
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 def read_hierarchy_table(path, fine_column, coarse_column):

@@ -21,7 +21,7 @@ _EXPORTS = {
     "inputs": ("RunData", "load_run_data", "load_training_split", "training_data", "steps_per_epoch",
                "preprocess_split"),
     "recipe": ("build_optimizer", "compile_model", "use_xla", "steps_per_execution"),
-    "callbacks": ("StopOnNonFinite", "EpochLearningRate", "EpochTimer", "ResumableWarmStart"),
+    "callbacks": ("StopOnNonFinite", "StepLearningRate", "EpochTimer", "ResumableWarmStart"),
     "checkpoint": ("Checkpoint",),
     "resume": ("RESUMABLE_CHANGES", "check_output_dir", "check_resume_config", "config_changes",
                "read_resume_epoch", "truncate_history"),

@@ -45,15 +45,19 @@ def _weights_finite(model):
     return bool(ops.all(ops.stack(checks))) if checks else True
 
 
-class EpochLearningRate(keras.callbacks.Callback):
-    """Set the phase's step-schedule learning rate at each epoch start and log it."""
+class StepLearningRate(keras.callbacks.LearningRateScheduler):
+    """Keras's `LearningRateScheduler` on the phase's step schedule (`config.learning_rate_at`).
+
+    It logs the schedule's rate rather than the optimizer's float32 copy of it, so the history
+    reads 0.005, as it always has, not 0.004999999888241291.
+
+    Args:
+        settings: dict. The phase's settings (`config.phase_settings`).
+    """
 
     def __init__(self, settings):
-        super().__init__()
+        super().__init__(lambda epoch, rate: float(learning_rate_at(epoch, settings)))
         self.settings = settings
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.learning_rate = learning_rate_at(epoch, self.settings)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

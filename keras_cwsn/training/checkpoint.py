@@ -11,8 +11,15 @@ from keras_cwsn.atomic import atomic_path, write_json_atomic
 from keras_cwsn.errors import RunError, one_line
 
 
-class Checkpoint(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` that survives SIGKILL at any instant and restores all that `fit` depends on.
+class Checkpoint(keras.callbacks.Callback):
+    """Per-epoch checkpoints that survive SIGKILL at any instant and restore all that `fit` depends on.
+
+    Not `keras.callbacks.BackupAndRestore`, whose job this is: it overwrites one `latest.weights.h5`
+    in place and then its metadata (a kill between the two pairs new weights with the old epoch),
+    leaves out the dropout seed-generator states (a resumed run would draw other masks), picks the
+    epoch to resume from by itself (the workers of a multi-worker run must agree on it first) and,
+    by default, deletes the backup when `fit` ends (before the phase's results are written). Every
+    one of its hooks would be overridden, so this is a plain callback.
 
     After each epoch it writes `epoch-NNNN.weights.h5` (model weights and the optimizer's variables:
     Keras's `save_weights` includes them) through a temporary file and `os.replace`, then
@@ -31,8 +38,8 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
     METADATA = "training_metadata.json"
 
     def __init__(self, backup_dir, phase="", initial_epoch=0):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
-        self.phase, self.initial_epoch = phase, int(initial_epoch)
+        super().__init__()
+        self.backup_dir, self.phase, self.initial_epoch = backup_dir, phase, int(initial_epoch)
 
     @classmethod
     def read(cls, backup_dir):
@@ -62,14 +69,8 @@ class Checkpoint(keras.callbacks.BackupAndRestore):
         if self.initial_epoch:
             self.restore(self.model, self.initial_epoch)
 
-    def on_train_batch_end(self, batch, logs=None):
-        pass  # epoch checkpoints only
-
     def on_epoch_end(self, epoch, logs=None):
         self.save(self.model, epoch + 1)
-
-    def on_train_end(self, logs=None):
-        pass  # kept until the run is finished
 
     def restore(self, model, epoch):
         """Load the checkpoint written after `epoch` epochs into `model` (and its optimizer)."""

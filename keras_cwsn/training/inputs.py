@@ -13,12 +13,11 @@ import keras
 import numpy as np
 
 from keras_cwsn import data as data_lib
+from keras_cwsn.constants import PREDICT_BATCH
 from keras_cwsn.data.crops import crop_flip, crop_flip_tf, crop_padding
 from keras_cwsn.data.normalize import normalize
 from keras_cwsn.training.records import warn_data_report
 from keras_cwsn.training.seeds import derived_seed, epoch_crops, epoch_order
-
-PREDICT_BATCH = 256  # batch of every predict/evaluate pass (no effect on the figures)
 
 
 @dataclasses.dataclass

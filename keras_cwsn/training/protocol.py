@@ -17,17 +17,19 @@ import numpy as np
 
 from keras_cwsn.atomic import read_json, write_json_atomic
 from keras_cwsn.config import phase_settings
-from keras_cwsn.constants import FIGURES
+from keras_cwsn.constants import CLUSTER_OUTPUT, FIGURES, LAST_LAYER, PREDICT_BATCH
 from keras_cwsn.errors import RunError
-from keras_cwsn.metrics import ClusteringMetrics, clustering_report, hungarian_mapping, predict_clusters
-from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, LAST_LAYER, build_model, variant_levels
+from keras_cwsn.clustering_callback import ClusteringMetrics
+from keras_cwsn.metrics import clustering_report, hungarian_mapping, predict_clusters
+from keras_cwsn.models import build_model
+from keras_cwsn.variants import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, variant_levels
 from keras_cwsn.optional import tensorflow_available
 from keras_cwsn.training import records
 from keras_cwsn.training import resume as resume_policy
 from keras_cwsn.training import workers
-from keras_cwsn.training.callbacks import EpochLearningRate, EpochTimer, ResumableWarmStart, StopOnNonFinite
+from keras_cwsn.training.callbacks import StepLearningRate, EpochTimer, ResumableWarmStart, StopOnNonFinite
 from keras_cwsn.training.checkpoint import Checkpoint
-from keras_cwsn.training.inputs import PREDICT_BATCH, load_run_data, steps_per_epoch, training_data
+from keras_cwsn.training.inputs import load_run_data, steps_per_epoch, training_data
 from keras_cwsn.training.recipe import build_optimizer, compile_model, steps_per_execution, use_xla
 from keras_cwsn.training.seeds import derived_seed, seed_everything
 
@@ -134,13 +136,13 @@ def cluster_phase(ctx):
     settings = phase_settings(config, "cluster")
     clusterer = _build(ctx, config["variant"], settings, "cluster")
     sample_x, sample_y = data.train_sample(config["metrics_sample"], config["seed"])
-    monitor = ClusteringMetrics(data.images("eval"), data.evaluation.labels, output="fine_fc3", prefix="val_",
+    monitor = ClusteringMetrics(data.images("eval"), data.evaluation.labels, output=CLUSTER_OUTPUT, prefix="val_",
                                 every=config["metrics_every"], mapping_images=sample_x, mapping_labels=sample_y)
     fit_phase(ctx, "cluster", clusterer, settings, variant_levels(config["variant"]), extra=[monitor])
-    train_clusters = predict_clusters(clusterer, data.images("train"), "fine_fc3")
+    train_clusters = predict_clusters(clusterer, data.images("train"), CLUSTER_OUTPUT)
     mapping = hungarian_mapping(data.train.labels, train_clusters, num_clusters=ctx.info.num_fine,
                                 num_classes=ctx.info.num_fine)
-    eval_clusters = predict_clusters(clusterer, data.images("eval"), "fine_fc3")
+    eval_clusters = predict_clusters(clusterer, data.images("eval"), CLUSTER_OUTPUT)
     cluster_result = {"mapping": mapping.tolist(), "epochs": settings["epochs"],
                       "train": clustering_report(data.train.labels, train_clusters, mapping),
                       "eval": clustering_report(data.evaluation.labels, eval_clusters, mapping),
@@ -211,7 +213,7 @@ def fit_phase(ctx, phase, model, settings, levels, extra=(), validation_data=Non
     data = ctx.data
     batches, steps = training_data(data.train, data.stats, settings["batch_size"], levels, ctx.config, phase, first,
                                    epochs, preprocessed=data.train_x)
-    callbacks = [StopOnNonFinite(phase, backup_dir), *extra, EpochLearningRate(settings), EpochTimer(),
+    callbacks = [StopOnNonFinite(phase, backup_dir), *extra, StepLearningRate(settings), EpochTimer(),
                  keras.callbacks.CSVLogger(history, append=True), *_tensorboard(ctx, phase), checkpoint]
     model.fit(batches, epochs=epochs, initial_epoch=first, steps_per_epoch=steps, validation_data=validation_data,
               validation_batch_size=PREDICT_BATCH if isinstance(validation_data, tuple) else None,

@@ -6,8 +6,9 @@ Backend-neutral: imports TensorFlow only for a tf.distribute strategy.
 import keras
 
 from keras_cwsn.losses import pairwise_loss
-from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, variant_loss_weights
-from keras_cwsn.optimizers import WEIGHT_DECAY_MODES, CoupledSGD
+from keras_cwsn.variants import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, variant_loss_weights
+from keras_cwsn.constants import WEIGHT_DECAY_MODES
+from keras_cwsn.optimizers import CoupledSGD
 
 # Steps per `fit` execution when `steps_per_execution: auto`: measured in docs/BENCHMARKS.md (issue 12).
 AUTO_STEPS_PER_EXECUTION = {"cpu": 32, "gpu": 32}

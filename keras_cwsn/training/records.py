@@ -18,9 +18,9 @@ import numpy as np
 from keras_cwsn.atomic import atomic_path, write_json_atomic
 from keras_cwsn.constants import FIGURES
 from keras_cwsn.errors import RunError, one_line
+from keras_cwsn.metrics import seed_std
 from keras_cwsn.models import penultimate_model
 from keras_cwsn.optional import onednn_enabled, tensorflow_available
-from keras_cwsn.report import seed_std
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ RESUMABLE_CHANGES = ("strategy", "xla", "steps_per_execution", "metrics_every", 
 def _flatten(mapping, prefix=""):
     flat = {}
     for key, value in mapping.items():
-        if isinstance(value, dict) and key in ("cluster", "classify", "synthetic"):
+        if isinstance(value, dict) and key in (*PHASES, "synthetic"):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value

@@ -1,0 +1,63 @@
+"""`ClusteringMetrics`: a callback that puts clustering accuracy, NMI and purity into each epoch's logs.
+
+Apart from `keras_cwsn.metrics` (which re-exports it) because it needs Keras and the figures do not.
+"""
+
+import time
+
+import keras
+import numpy as np
+
+from keras_cwsn.constants import CLUSTER_OUTPUT, PREDICT_BATCH
+from keras_cwsn.metrics import clustering_report, hungarian_mapping, predict_clusters
+
+
+class ClusteringMetrics(keras.callbacks.Callback):
+    """Put clustering accuracy, NMI and purity of one output into the epoch logs.
+
+    Placed before TensorBoard/CSVLogger in the callback list, the figures reach them and History.
+
+    Args:
+        images: array (N, H, W, 3) or a dataset yielding image batches (no labels).
+        labels: int array (N,). Labels at the output's hierarchy level.
+        output: str. Model output to cluster by (argmax). Defaults to `CLUSTER_OUTPUT` (`"fine_fc3"`).
+        prefix: str. Prefix of the log keys, e.g. `"val_"`. Defaults to `"val_"`.
+        every: int. Compute every this many epochs (and at the last). Defaults to 1.
+        mapping_images, mapping_labels: optional data on which the Hungarian mapping is fitted
+            (the training split); by default it is fitted on the evaluated data itself.
+    """
+
+    def __init__(self, images, labels, output=CLUSTER_OUTPUT, prefix="val_", every=1, mapping_images=None,
+                 mapping_labels=None, batch_size=PREDICT_BATCH):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1. Received: every={every}")
+        self.images, self.labels = images, np.asarray(labels).astype(np.int64)
+        self.output, self.prefix, self.every = output, prefix, int(every)
+        self.mapping_images, self.mapping_labels = mapping_images, mapping_labels
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self.params and epoch + 1 == self.params.get("epochs")
+        if logs is None or ((epoch + 1) % self.every and not last):
+            return
+        start = time.perf_counter()
+        clusters = predict_clusters(self.model, self.images, self.output, self.batch_size)
+        mapping = None
+        if self.mapping_images is not None:
+            train_clusters = predict_clusters(self.model, self.mapping_images, self.output, self.batch_size)
+            mapping = hungarian_mapping(self.mapping_labels, train_clusters, num_clusters=None)
+            mapping = _extend(mapping, clusters)
+        for key, value in clustering_report(self.labels, clusters, mapping).items():
+            logs[self.prefix + key] = value
+        logs["figures_seconds"] = round(time.perf_counter() - start, 3)  # what these figures cost the epoch
+
+
+def _extend(mapping, clusters):
+    """Map clusters never seen when fitting the mapping to class -1, so they count as errors instead of crashing."""
+    size = int(max(len(mapping), np.max(clusters) + 1))
+    extended = np.zeros(size, dtype=np.int64)
+    extended[: len(mapping)] = mapping
+    if size > len(mapping):
+        extended[len(mapping):] = -1
+    return extended
