@@ -10,7 +10,6 @@ LAST_LAYER = "fc3"
 CLUSTER_OUTPUT = f"fine_{LAST_LAYER}"
 HEADS = ("hungarian", "copy", "fresh")  # how the warm start moves the clusterer's LAST_LAYER into the classifier
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
-ARCHS = ("lenet", "alexnet")
 INITS = ("torch", "keras")  # how conv and dense weights start: PyTorch's defaults (the paper's) or Keras's
 # BatchNormalization (momentum, epsilon): Keras's defaults, or PyTorch's (its momentum 0.1 weighs the new
 # batch, i.e. Keras momentum 0.9; epsilon 1e-5), which the paper's code had. PyTorch's running variance
@@ -20,6 +19,11 @@ BATCHNORMS = {"keras": (0.99, 1e-3), "torch": (0.9, 1e-5)}
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 EVAL_SPLITS = ("val", "test")
+# Each network's input size and normalisation, which a folder dataset takes unless its config says otherwise:
+# LeNet as on CIFAR-10 (Hsu & Kira's YUV), AlexNet as on Birdsnap (ImageNet mean and std).
+NETWORK_INPUTS = {"lenet": ((32, 32), "yuv"), "alexnet": ((224, 224), "imagenet")}
+NORMALIZATIONS = ("yuv", "imagenet")
+ARCHS = tuple(NETWORK_INPUTS)
 CRITERIA = ("kcl", "mcl")  # the clusterer's pairwise loss: KCL (the paper's) or MCL (Hsu et al., ICLR 2019)
 # The figures a run reports, in the order tables show them.
 FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")
