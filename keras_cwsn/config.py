@@ -5,14 +5,15 @@ A phase field (under `cluster:` / `classify:`) may be one value or a mapping var
 """
 
 import copy
+import dataclasses
 import difflib
 import math
 import os
 
 import yaml
 
-from keras_cwsn.constants import (ARCHS, BATCHNORMS, CRITERIA, EVAL_SPLITS, HEADS, INITS, NORMALIZATIONS, PHASES,
-                                  PRECISIONS, STRATEGIES, WEIGHT_DECAY_MODES)
+from keras_cwsn.constants import (ARCHS, BATCHNORMS, CRITERIA, EVAL_SPLITS, HEADS, INITS, LAST_LAYER, NORMALIZATIONS,
+                                  PHASES, PRECISIONS, STRATEGIES, WEIGHT_DECAY_MODES)
 from keras_cwsn.data.registry import DATASETS, NETWORK_CONFIGS, get_dataset
 from keras_cwsn.errors import UserError
 from keras_cwsn.variants import ALL_VARIANTS, CLASSIFIER_VARIANT
@@ -36,69 +37,151 @@ def _positive_number(v):
     return _non_negative_number(v) and v > 0
 
 
-PHASE_SCHEMA = {
-    "epochs": (_positive_int, "an integer >= 1"),
-    "batch_size": (_positive_int, "an integer >= 1"),
-    "learning_rate": (_positive_number, "a number > 0"),
-    "lr_milestones": (lambda v: isinstance(v, list) and all(_positive_int(m) for m in v), "a list of epochs >= 1"),
-    "lr_factor": (lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]"),
-    "momentum": (lambda v: _non_negative_number(v) and v < 1, "a number in [0, 1)"),
-    "weight_decay": (_non_negative_number, "a number >= 0"),
+_REQUIRED = object()  # a key every config must give
+_NEW = object()  # a key every run has had
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """Everything about one config key, so that a new key is one entry of `KEYS` (or `PHASE_KEYS`).
+
+    Args:
+        check: callable. Whether a value is valid.
+        expected: str. What a valid value is, for the error message ("an integer >= 1").
+        default: What a config without the key gets. Defaults to none: the key is required.
+        before: The value runs had before the key existed: a saved config without it is read so
+            (resuming, the results table). Defaults to none: every run has had the key.
+        resumable: bool. Whether an unfinished run may be resumed with another value (e.g. more
+            epochs, another machine's `data_dir`). Defaults to False.
+        row: callable or None. value -> the results table's row-label suffix where the value is not
+            the default (e.g. "mcl"): runs with another value get a row of their own. Defaults to None.
+        clusterer_only: bool. With `row`: the setting concerns clusterers only, so `ce` rows leave it
+            out. Defaults to False.
+        hparam: callable or None. value -> its TensorBoard HParams value (str, int, float or bool);
+            None: not an HParam. Defaults to None.
+    """
+
+    check: object
+    expected: str
+    default: object = _REQUIRED
+    before: object = _NEW
+    resumable: bool = False
+    row: object = None
+    clusterer_only: bool = False
+    hparam: object = None
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _non_negative_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _non_negative_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _positive_number(v):
+    return _non_negative_number(v) and v > 0
+
+
+def _name_or_none(v):
+    return v is None or (isinstance(v, str) and bool(v))
+
+
+def _image_size(v):
+    return v is None or (_positive_int(v) and v >= 16) or (
+        isinstance(v, list) and len(v) == 2 and all(_positive_int(s) and s >= 16 for s in v))
+
+
+def _one_of(choices):
+    return Key(lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+def _flag(**fields):
+    return Key(lambda v: isinstance(v, bool), "true or false", **fields)
+
+
+def _mapping(expected, **fields):
+    return Key(lambda v: isinstance(v, dict), expected, **fields)
+
+
+def _with(key, **fields):
+    return dataclasses.replace(key, **fields)
+
+
+PHASE_KEYS = {
+    "epochs": Key(_positive_int, "an integer >= 1", resumable=True, hparam=int),
+    "batch_size": Key(_positive_int, "an integer >= 1", hparam=int),
+    "learning_rate": Key(_positive_number, "a number > 0", resumable=True, hparam=float),
+    "lr_milestones": Key(lambda v: isinstance(v, list) and all(_positive_int(m) for m in v), "a list of epochs >= 1",
+                         resumable=True),
+    "lr_factor": Key(lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]", resumable=True),
+    "momentum": Key(lambda v: _non_negative_number(v) and v < 1, "a number in [0, 1)"),
+    "weight_decay": Key(_non_negative_number, "a number >= 0", hparam=float),
 }
-TOP_SCHEMA = {
-    "dataset": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
-    "arch": (lambda v: v in ARCHS, f"one of {ARCHS}"),
-    "variant": (lambda v: v in ALL_VARIANTS, f"one of {ALL_VARIANTS}"),
-    "double": (lambda v: isinstance(v, bool), "true or false"),
-    "margin": (_positive_number, "a number > 0"),
-    "criterion": (lambda v: v in CRITERIA, f"one of {', '.join(CRITERIA)}"),
-    "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
-    "schedule_scale": (lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]"),
-    "eval_split": (lambda v: v == "auto" or v in EVAL_SPLITS, f"auto or one of {', '.join(EVAL_SPLITS)}"),
-    "val_per_class": (_positive_int, "an integer >= 1"),
-    "data_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
-    "hierarchy": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a TSV/CSV file path or null"),
-    "fine_column": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a column name or null (the first)"),
-    "coarse_column": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a column name or null"),
-    "image_size": (lambda v: v is None or (_positive_int(v) and v >= 16) or (
-        isinstance(v, list) and len(v) == 2 and all(_positive_int(s) and s >= 16 for s in v)),
-        "null (the network's), a side >= 16 or [height, width]"),
-    "normalization": (lambda v: v is None or v in NORMALIZATIONS, f"null (the network's) or one of "
-                                                                   f"{', '.join(NORMALIZATIONS)}"),
-    "xla": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
-    "weight_decay_mode": (lambda v: v in WEIGHT_DECAY_MODES, f"one of {', '.join(WEIGHT_DECAY_MODES)}"),
-    "init": (lambda v: v in INITS, f"one of {', '.join(INITS)}"),
-    "last_layer_weight_decay": (lambda v: isinstance(v, bool), "true or false"),
-    "batchnorm": (lambda v: v in BATCHNORMS, f"one of {', '.join(BATCHNORMS)}"),
-    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "augment": (lambda v: isinstance(v, bool), "true or false"),
-    "metrics_every": (_positive_int, "an integer >= 1"),
-    "steps_per_execution": (lambda v: v == "auto" or _positive_int(v), "auto or an integer >= 1"),
-    "metrics_sample": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "embedding_sample": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-    "synthetic": (lambda v: isinstance(v, dict), "a mapping"),
-    "cluster": (lambda v: isinstance(v, dict), "a mapping of phase settings"),
-    "classify": (lambda v: isinstance(v, dict), "a mapping of phase settings"),
+# The paper's settings are the defaults. Keys with a `row` are in the order their suffixes take in a row label.
+KEYS = {
+    "dataset": Key(lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}", hparam=str),
+    "arch": Key(lambda v: v in ARCHS, f"one of {ARCHS}", hparam=str),
+    "variant": Key(lambda v: v in ALL_VARIANTS, f"one of {ALL_VARIANTS}", default="D", hparam=str),
+    "double": _flag(default=False, hparam=bool),
+    "criterion": _with(_one_of(CRITERIA), default="kcl", before="kcl", row=str, clusterer_only=True, hparam=str),
+    "margin": Key(_positive_number, "a number > 0", default=2.0, row=lambda v: f"margin-{v:g}", clusterer_only=True,
+                  hparam=float),
+    "head": _with(_one_of(HEADS), default="hungarian", row=lambda v: f"{v}-head", clusterer_only=True, hparam=str),
+    "schedule_scale": Key(lambda v: _positive_number(v) and v <= 1, "a number in (0, 1]", default=1.0,
+                          resumable=True, hparam=float),
+    "eval_split": Key(lambda v: v == "auto" or v in EVAL_SPLITS, f"auto or one of {', '.join(EVAL_SPLITS)}",
+                      default="auto", hparam=str),  # the HParam is the split "auto" resolved to
+    "val_per_class": Key(_positive_int, "an integer >= 1", default=500),
+    "data_dir": Key(lambda v: v is None or isinstance(v, str), "a folder path or null", default=None, resumable=True),
+    "hierarchy": Key(_name_or_none, "a TSV/CSV file path or null", default=None),
+    "fine_column": Key(_name_or_none, "a column name or null (the first)", default=None),
+    "coarse_column": Key(_name_or_none, "a column name or null", default=None),
+    "image_size": Key(_image_size, "null (the network's), a side >= 16 or [height, width]", default=None),
+    "normalization": Key(lambda v: v is None or v in NORMALIZATIONS,
+                         f"null (the network's) or one of {', '.join(NORMALIZATIONS)}", default=None),
+    "xla": Key(lambda v: v == "auto" or isinstance(v, bool), "auto, true or false", default="auto", resumable=True),
+    "weight_decay_mode": _with(_one_of(WEIGHT_DECAY_MODES), default="coupled", before="decoupled",
+                               row=lambda v: f"{v}-wd", hparam=str),
+    "init": _with(_one_of(INITS), default="torch", before="keras", row=lambda v: f"{v}-init", hparam=str),
+    "batchnorm": _with(_one_of(BATCHNORMS), default="keras", before="keras", row=lambda v: f"{v}-bn", hparam=str),
+    "precision": _with(_one_of(PRECISIONS), default="float32", hparam=str),
+    "seed": Key(_non_negative_int, "an integer >= 0", default=0, hparam=int),
+    "augment": _flag(default=False, row=lambda v: "augment"),
+    "last_layer_weight_decay": _flag(default=True, before=True, row=lambda v: f"no-{LAST_LAYER}-wd", hparam=bool),
+    "metrics_every": Key(_positive_int, "an integer >= 1", default=1, resumable=True),
+    "steps_per_execution": Key(lambda v: v == "auto" or _positive_int(v), "auto or an integer >= 1", default="auto",
+                               resumable=True),
+    "metrics_sample": Key(_positive_int, "an integer >= 1", default=5000, resumable=True),
+    "embedding_sample": Key(_non_negative_int, "an integer >= 0", default=500, resumable=True),
+    "strategy": _with(_one_of(STRATEGIES), default="auto", resumable=True),
+    "synthetic": _mapping("a mapping", default={}),
+    "cluster": _mapping("a mapping of phase settings"),
+    "classify": _mapping("a mapping of phase settings"),
 }
+TOP_SCHEMA = {name: (key.check, key.expected) for name, key in KEYS.items()}
+PHASE_SCHEMA = {name: (key.check, key.expected) for name, key in PHASE_KEYS.items()}
+DEFAULTS = {name: key.default for name, key in KEYS.items() if key.default is not _REQUIRED}
+REQUIRED = tuple(name for name, key in KEYS.items() if key.default is _REQUIRED)
+# What the code did before each of these keys existed: a saved config without the key ran that way (a run
+# from before `weight_decay_mode` used Keras's decoupled decay). Resuming and the results table read old
+# configs through this.
+VALUES_BEFORE_THE_KEY = {name: key.before for name, key in KEYS.items() if key.before is not _NEW}
+# Settings that may differ when an unfinished run is resumed (e.g. a lower learning rate after a
+# divergence, more epochs, another machine); anything else must match the run's config.json.
+RESUMABLE_CHANGES = tuple(name for name, key in KEYS.items() if key.resumable) + tuple(
+    f"{phase}.{name}" for phase in PHASES for name, key in PHASE_KEYS.items() if key.resumable)
 SYNTHETIC_SCHEMA = {
     "train_size": (_positive_int, "an integer >= 1"),
     "eval_size": (_positive_int, "an integer >= 1"),
     "num_coarse": (lambda v: _positive_int(v) and 2 <= v <= 4, "an integer in 2..4"),
     "fine_per_coarse": (lambda v: _positive_int(v) and 2 <= v <= 5, "an integer in 2..5"),
-    "data_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "data_seed": (_non_negative_int, "an integer >= 0"),
     "noise": (_non_negative_number, "a number >= 0"),
-}
-DEFAULTS = {
-    "variant": "D", "double": False, "margin": 2.0, "criterion": "kcl", "head": "hungarian", "schedule_scale": 1.0,
-    "eval_split": "auto", "val_per_class": 500, "data_dir": None, "hierarchy": None, "fine_column": None,
-    "coarse_column": None, "image_size": None, "normalization": None, "xla": "auto", "precision": "float32",
-    "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": "auto",
-    "metrics_sample": 5000, "weight_decay_mode": "coupled", "init": "torch", "batchnorm": "keras",
-    "last_layer_weight_decay": True,
-    "embedding_sample": 500,
-    "strategy": "auto", "synthetic": {},
 }
 
 
@@ -124,7 +207,7 @@ def validate(config):
     config = copy.deepcopy(config)
     for key, value in DEFAULTS.items():
         config.setdefault(key, copy.deepcopy(value))
-    for required in ("dataset", "arch", "cluster", "classify"):
+    for required in REQUIRED:
         if required not in config:
             raise ConfigError(f"Config is missing the required key {required!r}.")
     _check(TOP_SCHEMA, config, "")
@@ -133,7 +216,7 @@ def validate(config):
         raise ConfigError(f"Config key 'synthetic' applies to dataset 'synthetic' only; this config's dataset is "
                           f"{config['dataset']!r}. Remove the synthetic settings or use --dataset synthetic.")
     _check_data_keys(config)
-    for phase in ("cluster", "classify"):
+    for phase in PHASES:
         for key in config[phase]:  # unknown keys first: a misspelt key is also a missing one
             if key not in PHASE_SCHEMA:
                 raise _unknown(key, PHASE_SCHEMA, f"{phase}.")

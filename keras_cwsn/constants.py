@@ -30,10 +30,5 @@ FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")
 PREDICT_BATCH = 256  # the batch of every predict/evaluate pass (no effect on the figures)
 # What `tf.io.decode_image` (and Pillow) read; folders are listed with these.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-# Config keys added after runs were already being made, with what the code did before each existed:
-# a saved config without the key ran that way (a run from before `weight_decay_mode` used Keras's
-# decoupled decay). Resuming and the results table both read old configs through this.
-VALUES_BEFORE_THE_KEY = {"criterion": "kcl", "weight_decay_mode": "decoupled", "init": "keras", "batchnorm": "keras",
-                         "last_layer_weight_decay": True}
 # The SavedModel asset with class names, preprocessing and training figures.
 MODEL_INFO_ASSET = "cwsn_model_info.json"

@@ -13,7 +13,8 @@ import os
 import numpy as np
 from scipy import stats
 
-from keras_cwsn.constants import FIGURES, VALUES_BEFORE_THE_KEY
+from keras_cwsn.config import KEYS, VALUES_BEFORE_THE_KEY
+from keras_cwsn.constants import FIGURES
 from keras_cwsn.metrics import seed_std
 from keras_cwsn.report.histories import run_peak
 from keras_cwsn.variants import CLASSIFIER_VARIANT, VARIANTS
@@ -50,18 +51,10 @@ def find_metrics(paths):
 
 # Recipe settings that put a run in a row of its own where they differ from the paper's (the
 # defaults): key -> (default, the row label's suffix for a value, whether it only concerns
-# clusterers). A run from before a key existed is read as the code ran then (VALUES_BEFORE_THE_KEY,
-# as resuming reads it): the 6- and 12-epoch runs predate `weight_decay_mode` and used decoupled decay.
-ROW_SETTINGS = {
-    "criterion": ("kcl", lambda value: value, True),
-    "margin": (2.0, lambda value: f"margin-{value:g}", True),
-    "head": ("hungarian", lambda value: f"{value}-head", True),
-    "weight_decay_mode": ("coupled", lambda value: f"{value}-wd", False),
-    "init": ("torch", lambda value: f"{value}-init", False),
-    "batchnorm": ("keras", lambda value: f"{value}-bn", False),
-    "augment": (False, lambda value: "augment", False),
-    "last_layer_weight_decay": (True, lambda value: "no-fc3-wd", False),
-}
+# clusterers), from the config's keys. A run from before a key existed is read as the code ran then
+# (VALUES_BEFORE_THE_KEY, as resuming reads it): the 6- and 12-epoch runs predate `weight_decay_mode`
+# and used decoupled decay.
+ROW_SETTINGS = {name: (key.default, key.row, key.clusterer_only) for name, key in KEYS.items() if key.row}
 
 
 def row_label(config):

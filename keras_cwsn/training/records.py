@@ -137,21 +137,15 @@ def data_summary(split):
 
 
 def hparams(config, eval_split):
-    """The hyperparameters a reader compares runs by, flat and TensorBoard-typed (str, float, int, bool)."""
-    from keras_cwsn.config import phase_settings, run_phases
+    """The hyperparameters a reader compares runs by (the config keys marked `hparam`), flat and
+    TensorBoard-typed (str, float, int, bool); `eval_split` is the split the run evaluated on."""
+    from keras_cwsn.config import KEYS, PHASE_KEYS, phase_settings, run_phases
 
-    found = {"dataset": config["dataset"], "arch": config["arch"], "variant": config["variant"],
-             "head": config["head"], "criterion": config["criterion"], "seed": config["seed"],
-             "margin": float(config["margin"]), "double": config["double"],
-             "schedule_scale": float(config["schedule_scale"]), "eval_split": eval_split,
-             "precision": config["precision"], "weight_decay_mode": config["weight_decay_mode"],
-             "init": config["init"], "batchnorm": config["batchnorm"],
-             "last_layer_weight_decay": config["last_layer_weight_decay"]}
+    found = {name: key.hparam(config[name]) for name, key in KEYS.items() if key.hparam}
+    found["eval_split"] = eval_split  # not "auto": what it resolved to
     for phase in run_phases(config):  # a `ce` run has no cluster phase (nor, on Birdsnap, its settings)
         settings = phase_settings(config, phase)
-        found.update({f"{phase}.epochs": settings["epochs"], f"{phase}.batch_size": settings["batch_size"],
-                      f"{phase}.learning_rate": float(settings["learning_rate"]),
-                      f"{phase}.weight_decay": float(settings["weight_decay"])})
+        found.update({f"{phase}.{name}": key.hparam(settings[name]) for name, key in PHASE_KEYS.items() if key.hparam})
     return found
 
 

@@ -17,17 +17,11 @@ import time
 import yaml
 
 from keras_cwsn.atomic import atomic_path, read_json, write_json_atomic
-from keras_cwsn.constants import PHASES, VALUES_BEFORE_THE_KEY
+from keras_cwsn.config import RESUMABLE_CHANGES, VALUES_BEFORE_THE_KEY
+from keras_cwsn.constants import PHASES
 from keras_cwsn.errors import RunError, one_line
 from keras_cwsn.training import workers
 from keras_cwsn.training.checkpoint import Checkpoint
-
-# Settings that may differ when an unfinished run is resumed (e.g. a lower learning rate after a
-# divergence, more epochs, another machine); anything else must match the run's config.json.
-RESUMABLE_CHANGES = ("strategy", "xla", "steps_per_execution", "metrics_every", "metrics_sample", "embedding_sample",
-                     "data_dir", "schedule_scale", "cluster.epochs", "cluster.learning_rate", "cluster.lr_milestones",
-                     "cluster.lr_factor", "classify.epochs", "classify.learning_rate", "classify.lr_milestones",
-                     "classify.lr_factor")
 
 
 def _flatten(mapping, prefix=""):
