@@ -154,8 +154,7 @@ def main(argv=None):
     if args.peer_python and not os.path.exists(args.peer_python):
         p.error(f"--peer-python {args.peer_python}: no such file")
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from pause import PauseJobs
+    from pause import PauseJobs  # beside this script, which is on sys.path when it runs as `python bench/...`
 
     with PauseJobs("cifar10" if args.pause_train_jobs else None, max_seconds=600):
         columns = {"TF oneDNN": run_column(sys.executable, "tensorflow", args, onednn="1"),

@@ -71,20 +71,8 @@ class Key:
     hparam: object = None
 
 
-def _positive_int(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
 def _non_negative_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _non_negative_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-
-
-def _positive_number(v):
-    return _non_negative_number(v) and v > 0
 
 
 def _name_or_none(v):

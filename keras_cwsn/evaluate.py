@@ -18,6 +18,7 @@ import os
 import sys
 
 from keras_cwsn.constants import CLUSTER_OUTPUT, MODEL_INFO_ASSET, PREDICT_BATCH
+from keras_cwsn.errors import print_error
 
 
 def evaluate_run(run_dir, data_dir=None, split="test", batch_size=PREDICT_BATCH, confusion=False, probe=None):
@@ -32,28 +33,11 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=PREDICT_BATCH,
     split: acc}}}: a linear probe of the two classes on each hidden fc layer of the clusterer
     (`metrics.pair_separability`), fitted on the run's training split.
     """
-    import numpy as np
-    import tensorflow as tf
-
     from keras_cwsn import data as data_lib
-    from keras_cwsn.metrics import cluster_confusion, clustering_report, predict_clusters
     from keras_cwsn.training.inputs import load_training_split
 
-    config_path = os.path.join(run_dir, "config.json")
-    classifier_dir = os.path.join(run_dir, "classifier")
-    clusterer_path = os.path.join(run_dir, "clusterer.keras")
-    clusterer_done = all(os.path.exists(os.path.join(run_dir, name))
-                         for name in ("clusterer.keras", "cluster_result.json"))  # written in this order
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{run_dir} is not a run folder: config.json is missing.")
-    if not os.path.exists(classifier_dir) and not clusterer_done:
-        raise FileNotFoundError(f"{run_dir} is not a finished run: classifier/ is missing, and so is a finished "
-                                "clusterer (clusterer.keras and cluster_result.json).")
-    for wanted, flag in ((confusion, "--confusion"), (probe, "--probe")):
-        if wanted and not clusterer_done:
-            raise FileNotFoundError(f"{run_dir} has no finished clusterer (clusterer.keras and cluster_result.json): "
-                                    f"{flag} needs a clusterer.")
-    with open(config_path) as f:
+    clusterer_done = _check_run_folder(run_dir, confusion=confusion, probe=probe)
+    with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     split_data = data_lib.load_split(data_lib.dataset_spec(config), split, data_dir=data_dir or config["data_dir"],
                                      val_per_class=config["val_per_class"], synthetic=config["synthetic"])
@@ -62,30 +46,70 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=PREDICT_BATCH,
     stats = run_stats(run_dir, config, load_training)
     figures = {"run": run_dir, "dataset": config["dataset"], "variant": config["variant"], "split": split,
                "num_examples": len(split_data)}
+    classifier_dir = os.path.join(run_dir, "classifier")
     if os.path.exists(classifier_dir):
-        serve = tf.saved_model.load(classifier_dir).signatures["serving_default"]
-        predicted = np.concatenate([
-            serve(images=tf.cast(images, tf.uint8))["class_ids"].numpy()
-            for images in split_data.dataset.map(lambda x, y: x).batch(batch_size)
-        ])
-        figures["classification_accuracy"] = float(np.mean(predicted == split_data.labels))
+        figures["classification_accuracy"] = _classifier_accuracy(classifier_dir, split_data, batch_size)
     if clusterer_done:
-        import keras
-
-        import keras_cwsn.losses  # noqa: F401  registers PairwiseKLLoss
-
-        with open(os.path.join(run_dir, "cluster_result.json")) as f:
-            mapping = np.asarray(json.load(f)["mapping"])
-        clusterer = keras.saving.load_model(clusterer_path, compile=False)
-        images = data_lib.make_pipeline(split_data, stats, batch_size, images_only=True)
-        clusters = predict_clusters(clusterer, images, CLUSTER_OUTPUT)
-        figures.update(clustering_report(split_data.labels, clusters, mapping))
-        if confusion:
-            names = list(split_data.info.fine_names)
-            counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))
-            figures["confusion"] = {"classes": names, "counts": counts.tolist()}
+        clusterer, clusters, mapping = _clusters(run_dir, split_data, stats, batch_size)
+        figures.update(_cluster_figures(split_data, clusters, mapping, confusion))
         if pair:
             figures["probe"] = _probe(clusterer, pair, load_training(), stats, split_data, batch_size)
+    return figures
+
+
+def _check_run_folder(run_dir, confusion=False, probe=None):
+    """Refuse a folder that can't answer what is asked; returns whether its clusterer is finished."""
+    clusterer_done = all(os.path.exists(os.path.join(run_dir, name))
+                         for name in ("clusterer.keras", "cluster_result.json"))  # written in this order
+    if not os.path.exists(os.path.join(run_dir, "config.json")):
+        raise FileNotFoundError(f"{run_dir} is not a run folder: config.json is missing.")
+    if not os.path.exists(os.path.join(run_dir, "classifier")) and not clusterer_done:
+        raise FileNotFoundError(f"{run_dir} is not a finished run: classifier/ is missing, and so is a finished "
+                                "clusterer (clusterer.keras and cluster_result.json).")
+    for wanted, flag in ((confusion, "--confusion"), (probe, "--probe")):
+        if wanted and not clusterer_done:
+            raise FileNotFoundError(f"{run_dir} has no finished clusterer (clusterer.keras and cluster_result.json): "
+                                    f"{flag} needs a clusterer.")
+    return clusterer_done
+
+
+def _classifier_accuracy(classifier_dir, split_data, batch_size):
+    """The exported classifier's accuracy, fed raw uint8 images as a client would."""
+    import numpy as np
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(classifier_dir).signatures["serving_default"]
+    predicted = np.concatenate([
+        serve(images=tf.cast(images, tf.uint8))["class_ids"].numpy()
+        for images in split_data.dataset.map(lambda x, y: x).batch(batch_size)
+    ])
+    return float(np.mean(predicted == split_data.labels))
+
+
+def _clusters(run_dir, split_data, stats, batch_size):
+    """(the clusterer, each image's cluster, the run's cluster -> class mapping)."""
+    import keras
+    import numpy as np
+
+    import keras_cwsn.losses  # noqa: F401  registers PairwiseKLLoss
+    from keras_cwsn import data as data_lib
+    from keras_cwsn.metrics import predict_clusters
+
+    with open(os.path.join(run_dir, "cluster_result.json")) as f:
+        mapping = np.asarray(json.load(f)["mapping"])
+    clusterer = keras.saving.load_model(os.path.join(run_dir, "clusterer.keras"), compile=False)
+    images = data_lib.make_pipeline(split_data, stats, batch_size, images_only=True)
+    return clusterer, predict_clusters(clusterer, images, CLUSTER_OUTPUT), mapping
+
+
+def _cluster_figures(split_data, clusters, mapping, confusion):
+    from keras_cwsn.metrics import cluster_confusion, clustering_report
+
+    figures = clustering_report(split_data.labels, clusters, mapping)
+    if confusion:
+        names = list(split_data.info.fine_names)
+        counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))
+        figures["confusion"] = {"classes": names, "counts": counts.tolist()}
     return figures
 
 
@@ -192,7 +216,7 @@ def main(argv=None):
         probe = [name.strip() for name in args.probe.split(",")] if args.probe else None
         figures = evaluate_run(args.run, args.data_dir, args.split, confusion=args.confusion, probe=probe)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     if args.json:
         print(json.dumps(figures))

@@ -103,22 +103,7 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
     sorted(model.output_names)  # ['coarse_fc1_side', 'fine_fc2', 'fine_fc3']
     ```
     """
-    if arch not in ARCH_SPECS:
-        raise ValueError(f"Unknown arch. Expected one of {', '.join(ARCHS)}. Received: arch={arch!r}")
-    if variant not in ALL_VARIANTS:
-        raise ValueError(f"Unknown variant. Expected one of {', '.join(ALL_VARIANTS)}. Received: variant={variant!r}")
-    if not isinstance(num_fine, int) or isinstance(num_fine, bool) or num_fine < 2:
-        raise ValueError(f"num_fine must be an integer >= 2. Received: num_fine={num_fine!r}")
-    if init not in INITS:
-        raise ValueError(f"Unknown init. Expected one of {', '.join(INITS)}. Received: init={init!r}")
-    if batchnorm not in BATCHNORMS:
-        raise ValueError(f"Unknown batchnorm. Expected one of {', '.join(BATCHNORMS)}. Received: batchnorm={batchnorm!r}")
-    taps = () if variant == CLASSIFIER_VARIANT else variant_taps(variant)
-    if any(t.level == "coarse" for t in taps) and (num_coarse is None or num_coarse < 2):
-        raise ValueError(f"Variant {variant} uses coarse labels: num_coarse must be >= 2. Received: {num_coarse!r}")
-    input_shape = tuple(input_shape or NETWORK_INPUTS[arch][0] + (3,))
-    if len(input_shape) != 3 or input_shape[-1] != 3:
-        raise ValueError(f"input_shape must be (H, W, 3). Received: input_shape={input_shape}")
+    taps, input_shape = _check_arguments(arch, variant, num_fine, num_coarse, input_shape, init, batchnorm)
     trunk, (fc1_units, fc2_units), fc_style = ARCH_SPECS[arch]
     width = 2 if double else 1
 
@@ -142,6 +127,24 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
     else:
         outputs = {output_name(t): hidden[t.layer] for t in taps}
     return keras.Model(inputs, outputs, name=name or f"{arch}_{variant}")
+
+
+def _check_arguments(arch, variant, num_fine, num_coarse, input_shape, init, batchnorm):
+    """Errors in the "Expected ... Received: ..." form; returns the variant's loss taps and the input shape."""
+    choices = {"arch": (arch, ARCHS), "variant": (variant, ALL_VARIANTS), "init": (init, INITS),
+               "batchnorm": (batchnorm, tuple(BATCHNORMS))}
+    for name, (value, known) in choices.items():
+        if value not in known:
+            raise ValueError(f"Unknown {name}. Expected one of {', '.join(known)}. Received: {name}={value!r}")
+    if not isinstance(num_fine, int) or isinstance(num_fine, bool) or num_fine < 2:
+        raise ValueError(f"num_fine must be an integer >= 2. Received: num_fine={num_fine!r}")
+    taps = () if variant == CLASSIFIER_VARIANT else variant_taps(variant)
+    if any(t.level == "coarse" for t in taps) and (num_coarse is None or num_coarse < 2):
+        raise ValueError(f"Variant {variant} uses coarse labels: num_coarse must be >= 2. Received: {num_coarse!r}")
+    input_shape = tuple(input_shape or NETWORK_INPUTS[arch][0] + (3,))
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise ValueError(f"input_shape must be (H, W, 3). Received: input_shape={input_shape}")
+    return taps, input_shape
 
 
 def _post_fc(x, layer_name, fc_style, dropout, batchnorm, last=False):

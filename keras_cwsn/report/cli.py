@@ -9,7 +9,7 @@ are grouped by dataset, network, variant, recipe settings and schedule, and repo
 sample std (n - 1) and best over seeds, with the difference from the paper and from the
 cross-entropy baseline of the same schedule and settings (Welch's t-test p-value). A run whose
 criterion, margin, head, weight decay, initialisation, BatchNorm or augmentation is not the paper's gets a
-row of its own (ROW_SETTINGS), e.g. "A mcl", "D decoupled-wd", "ce keras-init".
+row of its own (the config keys with a `row` label), e.g. "A mcl", "D decoupled-wd", "ce keras-init".
 
 --write FILE.md --section NAME puts the tables into FILE.md between the lines
 `<!-- report:NAME -->` and `<!-- /report -->`, which must be there already, and leaves every other
