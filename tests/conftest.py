@@ -104,8 +104,11 @@ def child_results(code, *args, stdin="", cache_dir=None, timeout=300, **env):
 # The start of a child script that needs 2 tf.distribute replicas on the CPU: TensorFlow must split the
 # CPU into 2 logical devices before it initialises, hence a fresh process (see `child_results`). It
 # imports TensorFlow as `tf` and defines `per_replica(strategy, array)`, which hands replica r the r-th
-# half of a global batch, as fit's dataset distribution does.
+# half of a global batch, as fit's dataset distribution does, and `loss_on_replicas(strategy, loss, labels,
+# logits)`: (the loss of one device on the whole batch, its gradient w.r.t. the logits, the replicas' losses
+# summed as the optimizer minimises them, their gradients concatenated).
 TWO_CPU_REPLICAS = textwrap.dedent('''
+    import numpy as np
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -116,6 +119,27 @@ TWO_CPU_REPLICAS = textwrap.dedent('''
         half = len(array) // 2
         return strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(array[ctx.replica_id_in_sync_group * half:][:half]))
+
+
+    def loss_on_replicas(strategy, loss, labels, logits):
+        x = tf.constant(logits)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            single = loss(labels, x)
+        single_grad = tape.gradient(single, x).numpy()
+
+        @tf.function
+        def replica_step(y_true, y_pred):
+            def step(y_true, y_pred):
+                with tf.GradientTape() as tape:
+                    tape.watch(y_pred)
+                    value = loss(y_true, y_pred)  # sum_over_batch_size: Keras scales it by 1 / replicas, as fit
+                return value, tape.gradient(value, y_pred)
+            return strategy.run(step, args=(y_true, y_pred))
+
+        value, grad = replica_step(per_replica(strategy, labels), per_replica(strategy, logits))
+        grads = np.concatenate([g.numpy() for g in strategy.experimental_local_results(grad)])
+        return float(single), single_grad, float(strategy.reduce("SUM", value, axis=None)), grads
 ''')
 
 

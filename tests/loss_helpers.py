@@ -1,4 +1,4 @@
-"""What the pairwise-loss tests (test_losses.py for KCL, test_mcl_loss.py for MCL) share, on any Keras backend.
+"""What the pairwise-loss tests (test_losses.py, over both criteria) share, on any Keras backend.
 
 - `make_inputs`: a seeded batch, labels or an (N, N) constraint matrix with unknown pairs, and logits
   or probabilities;

@@ -41,34 +41,22 @@ _CHECKS = TWO_CPU_REPLICAS + textwrap.dedent('''
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((8, 5)).astype("float32")
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1], "float32")  # replica 0 sees only class 0, replica 1 only class 1
-    loss = PairwiseKLLoss()
-    x = tf.constant(logits)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        single = loss(labels, x)
-    single_grad = tape.gradient(single, x).numpy()
+    single, single_grad, out["loss_mirrored"], mirrored_grad = loss_on_replicas(mirrored, PairwiseKLLoss(), labels,
+                                                                                 logits)
+    out["loss_single"] = single
 
     @tf.function
-    def replica_step(y_true, y_pred):
-        def step(y_true, y_pred):
-            with tf.GradientTape() as tape:
-                tape.watch(y_pred)
-                value = loss(y_true, y_pred)  # Keras scales it by 1 / replicas, as in fit
-            local_only = tf.reduce_mean(pairwise_kl_loss(y_true, y_pred))  # pairs inside the slice only
-            return value, tape.gradient(value, y_pred), local_only
-        return mirrored.run(step, args=(y_true, y_pred))
+    def local_step(y_true, y_pred):  # the pairs inside each replica's slice only
+        return mirrored.run(lambda y, p: tf.reduce_mean(pairwise_kl_loss(y, p)), args=(y_true, y_pred))
 
-    value, grad, local_only = replica_step(per_replica(mirrored, labels), per_replica(mirrored, logits))
-    out["loss_single"] = float(single)
-    out["loss_mirrored"] = float(mirrored.reduce("SUM", value, axis=None))  # what the optimizer minimises
+    local_only = local_step(per_replica(mirrored, labels), per_replica(mirrored, logits))
     out["loss_per_replica_only"] = float(mirrored.reduce("MEAN", local_only, axis=None))
-    mirrored_grad = np.concatenate([g.numpy() for g in mirrored.experimental_local_results(grad)])
     out["grad_max_diff"] = float(np.abs(mirrored_grad - single_grad).max())
     out["grad_max"] = float(np.abs(single_grad).max())
 
     # 1b. reduction="sum": Keras does not scale a summed loss by 1 / replicas; the loss divides by them itself.
     summed = PairwiseKLLoss(reduction="sum")
-    single_sum = float(summed(labels, x))
+    single_sum = float(summed(labels, tf.constant(logits)))
 
     @tf.function
     def summed_step(y_true, y_pred):

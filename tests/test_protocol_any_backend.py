@@ -251,8 +251,8 @@ def tf_value(proto):
     return tf.make_ndarray(proto)
 
 
-# The losses on this backend: value and gradient against a float64 double loop (the full suites of
-# test_losses.py and test_mcl_loss.py run on TensorFlow; these run on every backend, JAX included).
+# The losses on this backend: value and gradient against a float64 double loop (the full suite,
+# test_losses.py, runs on TensorFlow; these run on every backend, JAX included).
 
 
 def _log_softmax64(x):
