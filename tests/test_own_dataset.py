@@ -192,6 +192,8 @@ def test_a_table_at_odds_with_its_folders_is_one_line_and_trains_nothing(birds, 
     (["--dataset", "cifar10", "--hierarchy", "t.tsv"], "apply to folder datasets"),
     (["--dataset", "synthetic", "--set", "image_size=64"], "don't apply to the synthetic dataset"),
     (["--hierarchy", "t.tsv", "--data-dir", ".", "--set", "image_size=8"], "image_size"),
+    (["--hierarchy", "t.tsv", "--coarse-column", "family", "--data-dir", ".", "--set", "image_size=32"],
+     "too small for alexnet: it needs a side of at least 63"),
 ])
 def test_own_data_flags_misused_are_one_line(argv, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
