@@ -116,6 +116,7 @@ def test_saved_model_evaluate_and_predict_name_the_species(runs, birds, capsys):
     figures = json.loads(capsys.readouterr().out)
     assert figures["num_examples"] == 2 * len(SPECIES)
     assert figures["classification_accuracy"] == pytest.approx(runs["D"]["classification_accuracy"])
+    assert figures["cluster_accuracy"] <= figures["coarse_agreement"] <= 1  # a right species is a right family
     folder = os.path.join(birds["tree"], "test", "Mallard")
     assert predict.main(["--model", os.path.join(run_dir, "classifier"), folder, "--json", "--top-k", "2"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
