@@ -58,7 +58,7 @@ def parse_args(argv=None):
                    help="override any config key, e.g. --set cluster.weight_decay=0.001 (value parsed as YAML)")
     p.add_argument("--strategy", default=None, choices=STRATEGIES,
                    help="tf.distribute strategy: auto (mirrored if >1 GPU, else one), one, mirrored (all local "
-                        "GPUs), multiworker (hosts from TF_CONFIG); see the README's multi-GPU section")
+                        "GPUs), multiworker (hosts from TF_CONFIG); see docs/training.md")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue an unfinished run found in --output-dir from its last completed epoch (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false",

@@ -12,8 +12,8 @@ import os
 
 import yaml
 
-from keras_cwsn.constants import (ARCHS, BATCHNORMS, CRITERIA, EVAL_SPLITS, HEADS, INITS, LAST_LAYER, NORMALIZATIONS,
-                                  PHASES, PRECISIONS, STRATEGIES, WEIGHT_DECAY_MODES)
+from keras_cwsn.constants import (ARCHS, BATCHNORMS, CRITERIA, EVAL_SPLITS, HEADS, INITS, LAST_LAYER, MIN_INPUT_SIDE,
+                                  NORMALIZATIONS, PHASES, PRECISIONS, STRATEGIES, WEIGHT_DECAY_MODES)
 from keras_cwsn.data.registry import DATASETS, NETWORK_CONFIGS, get_dataset
 from keras_cwsn.errors import UserError
 from keras_cwsn.variants import ALL_VARIANTS, CLASSIFIER_VARIANT
@@ -232,6 +232,10 @@ def _check_data_keys(config):
     input_keys = [k for k in ("image_size", "normalization") if config[k] is not None]
     if input_keys and source == "synthetic":
         raise ConfigError(f"Config key(s) {', '.join(input_keys)} don't apply to the synthetic dataset (32x32, YUV).")
+    size = config["image_size"]
+    if size is not None and min([size] if isinstance(size, int) else size) < MIN_INPUT_SIDE[config["arch"]]:
+        raise ConfigError(f"Config key 'image_size' is too small for {config['arch']}: it needs a side of at least "
+                          f"{MIN_INPUT_SIDE[config['arch']]}. Received: {size!r}")
     if config["dataset"] == "folder" and config["hierarchy"] is None:
         raise ConfigError("Dataset 'folder' needs a hierarchy table mapping each class folder to its coarse class: "
                           "pass --hierarchy TABLE.tsv (or set `hierarchy:` in the config).")

@@ -24,6 +24,9 @@ EVAL_SPLITS = ("val", "test")
 NETWORK_INPUTS = {"lenet": ((32, 32), "yuv"), "alexnet": ((224, 224), "imagenet")}
 NORMALIZATIONS = ("yuv", "imagenet")
 ARCHS = tuple(NETWORK_INPUTS)
+# The smallest input side each trunk leaves at least one pixel of (LeNet: two valid 5x5 convs and 2x2
+# pools; AlexNet: the 11x11/4 conv and three 3x3/2 pools).
+MIN_INPUT_SIDE = {"lenet": 16, "alexnet": 63}
 CRITERIA = ("kcl", "mcl")  # the clusterer's pairwise loss: KCL (the paper's) or MCL (Hsu et al., ICLR 2019)
 # The figures a run reports, in the order tables show them.
 FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")

@@ -10,7 +10,18 @@ import keras
 from keras import layers
 
 from keras_cwsn.constants import ARCHS, BATCHNORMS, INITS, LAST_LAYER, NETWORK_INPUTS
-from keras_cwsn.variants import ALL_VARIANTS, CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, output_name, variant_taps
+from keras_cwsn.variants import (  # noqa: F401 (the table's names stay importable from `models`, as users do)
+    ALL_VARIANTS,
+    CLASSIFIER_OUTPUT,
+    CLASSIFIER_VARIANT,
+    SIDE_BRANCH_LAYERS,
+    VARIANTS,
+    LossTap,
+    output_name,
+    variant_levels,
+    variant_loss_weights,
+    variant_taps,
+)
 
 
 
