@@ -34,17 +34,22 @@ def test_write_replaces_only_the_section_and_a_second_write_changes_nothing(runs
     written = path.read_bytes().decode()
     before, rest = HAND_WRITTEN.split("<!-- report:full -->")
     after = rest.split("<!-- /report -->", 1)[1]
-    assert written == f"{before}<!-- report:full -->\n\n{printed.strip()}\n\n<!-- /report -->{after}"
+    assert written == f"{before}<!-- report:full -->\n{printed.strip()}\n<!-- /report -->{after}"
     assert "| A | 0,1 |" in written and "old table" not in written
     assert _write(runs, path) == 0
     assert path.read_bytes().decode() == written
 
 
-def test_peaks_go_into_the_same_section(runs, tmp_path):
+def test_peaks_go_into_the_same_section_or_one_of_their_own(runs, tmp_path):
     path = tmp_path / "RESULTS.md"
-    path.write_text("<!-- report:full -->\n<!-- /report -->\n")
+    path.write_text("<!-- report:full -->\n<!-- /report -->\n<!-- report:peaks -->\n<!-- /report -->\n")
     assert _write(runs, path, "full", "--peaks") == 0
-    assert ": best epoch" in path.read_text()
+    full = path.read_text().split("<!-- report:peaks -->")[0]
+    assert "| warm-start class. acc. % |" in full and ": best epoch" in full
+    assert _write(runs, path, "peaks", "--peaks-only") == 0
+    peaks = path.read_text().split("<!-- report:peaks -->")[1]
+    assert "| warm-start class. acc. % |" not in peaks and ": best epoch" in peaks
+    assert path.read_text().split("<!-- report:peaks -->")[0] == full
 
 
 @pytest.mark.parametrize("text, message", [

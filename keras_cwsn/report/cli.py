@@ -22,7 +22,7 @@ DIR/<table>-classify.png (classification accuracy per epoch of the warm start, w
 baseline), each variant's mean over seeds as a line and its min-max over seeds as a band. It
 needs matplotlib (pip install matplotlib).
 
---peaks also gives, per table, each row's figures at its best epoch rather than its last: per run
+--peaks also gives (--peaks-only gives alone), per table, each row's figures at its best epoch rather than its last: per run
 the highest held-out clustering and warm-start accuracy over the epochs of its histories and the
 epoch it came at. The paper reports "the top performing results out of 5 runs" after a fixed
 number of epochs without saying which epoch; this bounds what picking the best epoch (an
@@ -47,7 +47,8 @@ def replace_section(text, name, content):
 
     Every marker in `text` must open a section or close the one opened before it, and `name` must
     open exactly one; otherwise a UserError says which marker is wrong. The section holds `content`
-    between blank lines, so writing the same content again returns `text` unchanged.
+    from the line after its opening marker to the line before its closing one, so writing the same
+    content again returns `text` unchanged.
     """
     if not SECTION_NAME.fullmatch(name):
         raise UserError(f"--section takes letters, digits, '.', '_' and '-'. Received: {name!r}")
@@ -69,7 +70,7 @@ def replace_section(text, name, content):
         raise UserError(f"Expected one section <!-- report:{name} --> ... <!-- /report -->. Received: "
                         f"{len(found)}.")
     start, end = found[0]
-    return text[:start] + "\n\n" + content.strip("\n") + "\n\n" + text[end:]
+    return text[:start] + "\n" + content.strip("\n") + "\n" + text[end:]
 
 
 def write_section(path, name, content):
@@ -87,6 +88,8 @@ def _parser():
                         help="also write PNG figures of the per-epoch curves into DIR (needs matplotlib)")
     parser.add_argument("--peaks", action="store_true",
                         help="also give each row's figures at its best epoch (from the runs' histories)")
+    parser.add_argument("--peaks-only", action="store_true",
+                        help="give the best-epoch tables alone (e.g. for a --section of their own)")
     parser.add_argument("--write", metavar="FILE.md", default=None,
                         help="write the tables into FILE.md between <!-- report:NAME --> and <!-- /report -->")
     parser.add_argument("--section", metavar="NAME", default=None, help="the section --write replaces")
@@ -102,7 +105,10 @@ def main(argv=None):
         groups = group_runs(find_metrics(args.runs))
         if args.plots is not None:
             import_pyplot()  # fail before writing anything
-        tables = markdown_table(groups) + ("\n" + peak_table(groups) if args.peaks else "")
+        if args.peaks_only:
+            tables = peak_table(groups)
+        else:
+            tables = markdown_table(groups) + ("\n" + peak_table(groups) if args.peaks else "")
         if args.write is not None:
             write_section(args.write, args.section, tables)
             print(f"wrote section {args.section} of {args.write}", file=sys.stderr)
