@@ -53,7 +53,7 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
                                     f"{flag} needs a clusterer.")
     with open(config_path) as f:
         config = json.load(f)
-    split_data = data_lib.load_split(config["dataset"], split, data_dir=data_dir or config["data_dir"],
+    split_data = data_lib.load_split(data_lib.dataset_spec(config), split, data_dir=data_dir or config["data_dir"],
                                      val_per_class=config["val_per_class"], synthetic=config["synthetic"])
     pair = _class_ids(probe, split_data.info.fine_names) if probe else None
     load_training = functools.cache(lambda: load_training_split(config, data_dir))  # loaded once, if at all

@@ -269,14 +269,17 @@ def export_classifier(classifier, path, class_names, image_size, stats, metadata
     return path
 
 
-def run_metadata(config, results):
-    """The facts about a run that travel with its SavedModel (dataset, variant, figures)."""
-    return {"dataset": config["dataset"], "variant": config["variant"], "figures": dict(results)}
+def run_metadata(config, results, info=None):
+    """The facts about a run that travel with its SavedModel (dataset, variant, figures, the class hierarchy)."""
+    metadata = {"dataset": config["dataset"], "variant": config["variant"], "figures": dict(results)}
+    if info is not None:
+        metadata.update(coarse_names=list(info.coarse_names), fine_to_coarse=[int(c) for c in info.fine_to_coarse])
+    return metadata
 
 
 def read_run(run_dir):
-    """(classifier, stats, figures, config, image size) of a finished run folder; a UserError names what is missing."""
-    from keras_cwsn.data import dataset_info
+    """(classifier, stats, figures, config, DatasetInfo) of a finished run folder; a UserError names what is missing."""
+    from keras_cwsn.data import dataset_info, dataset_spec
     from keras_cwsn.errors import UserError
 
     needed = ("classifier.keras", "preprocessing.json", "metrics.json")
@@ -288,8 +291,9 @@ def read_run(run_dir):
     with open(os.path.join(run_dir, "metrics.json")) as f:
         results = json.load(f)
     config = results["config"]
+    info = dataset_info(dataset_spec(config))
     classifier = keras.saving.load_model(os.path.join(run_dir, "classifier.keras"), compile=False)
-    return classifier, stats, results, config, dataset_info(config["dataset"]).image_size
+    return classifier, stats, results, config, info
 
 
 def export_run(run_dir, path=None, fmt="savedmodel"):
@@ -303,14 +307,15 @@ def export_run(run_dir, path=None, fmt="savedmodel"):
 
     if fmt != "savedmodel":
         export_formats.missing_packages(fmt)  # an unknown format before the run is read
-    classifier, stats, results, config, image_size = read_run(run_dir)
-    figures = {k: v for k, v in results.items() if k not in ("config", "versions", "data", "class_names")}
+    classifier, stats, results, config, info = read_run(run_dir)
+    figures = {k: v for k, v in results.items()
+               if k not in ("config", "versions", "data", "class_names", "coarse_names", "fine_to_coarse")}
+    metadata = run_metadata(config, figures, info)
     if fmt != "savedmodel":
         return export_formats.export_format(classifier, path or export_formats.default_path(run_dir, fmt), fmt,
-                                            results["class_names"], image_size, stats,
-                                            metadata=run_metadata(config, figures))
+                                            results["class_names"], info.image_size, stats, metadata=metadata)
     return export_classifier(classifier, path or os.path.join(run_dir, "classifier"), results["class_names"],
-                             image_size, stats, metadata=run_metadata(config, figures))
+                             info.image_size, stats, metadata=metadata)
 
 
 def main(argv=None):
@@ -327,8 +332,8 @@ def main(argv=None):
             raise UserError(f"{message} (see --help)")
 
     parser = Parser(prog="python -m keras_cwsn.export",
-                                     description="Write a finished run's classifier.keras as a servable SavedModel, "
-                                                 "or as a LiteRT, ONNX or OpenVINO file (docs/serving.md).")
+                    description="Write a finished run's classifier.keras as a servable SavedModel, "
+                                "or as a LiteRT, ONNX or OpenVINO file (docs/serving.md).")
     parser.add_argument("run", help="the run folder (holds classifier.keras, preprocessing.json, metrics.json)")
     parser.add_argument("--format", default="savedmodel", choices=("savedmodel", *FORMATS),
                         help="savedmodel (default), litert (.tflite), onnx (needs tf2onnx) or openvino")
