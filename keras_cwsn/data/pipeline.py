@@ -207,16 +207,27 @@ def _birdsnap_split(name, split, data_dir, info):
     config = "birdsnap34" if name == "birdsnap34" else "birdsnap500"
     if split == "val":
         raise ValueError("Birdsnap has no held-out val split: use its official test split (eval_split: test).")
-    kwargs = {"data_dir": os.path.join(folder.default_cache_dir(), "tfds")}
-    if data_dir:
-        kwargs["manual_dir"] = data_dir
+    tfds_dir = os.path.join(folder.default_cache_dir(), "tfds")
     try:
-        raw, loaded_info = birdsnap.load_birdsnap(config, split, **kwargs)
+        raw, loaded_info = birdsnap.load_birdsnap(config, split, data_dir=tfds_dir, manual_dir=data_dir or None,
+                                                  option="--data-dir")
     except birdsnap.BirdsnapNotFoundError as e:
         raise DatasetUnavailableError(str(e)) from None
     dataset = raw.map(lambda image, fine, coarse: (image, fine), num_parallel_calls=tf.data.AUTOTUNE)
-    labels = birdsnap.load_birdsnap_labels(config, split, **kwargs)  # same order, images not decoded
-    return Split(name, split, dataset, labels, dataclasses.replace(loaded_info, name=name))
+    labels = birdsnap.load_birdsnap_labels(config, split, data_dir=tfds_dir)  # same order, images not decoded
+    return Split(name, split, dataset, labels, dataclasses.replace(loaded_info, name=name),
+                 report=_birdsnap_report(birdsnap.read_preparation_report(config, tfds_dir), split, tfds_dir))
+
+
+def _birdsnap_report(prepared, split, tfds_dir):
+    """What a Birdsnap split read, from its preparation report: the download, the prepared copy, skipped files."""
+    counts = (prepared or {}).get("splits", {}).get(split, {})
+    written, missing, corrupt = (int(counts.get(k, 0)) for k in ("examples_written", "skipped_missing",
+                                                                  "skipped_corrupt"))
+    download = (prepared or {}).get("manual_dir", "an unknown download")
+    return {"source": f"the Birdsnap download {download} (prepared in {tfds_dir})", "split": split,
+            "folder": os.path.join(download, "images"), "listed": written + missing + corrupt, "decoded": written,
+            "skipped_missing": missing, "skipped_corrupt": corrupt}
 
 
 def preprocessing_stats(train, cache_dir=None, verbose=True):

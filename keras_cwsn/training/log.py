@@ -18,7 +18,7 @@ VARIANT_WORDS = {CLASSIFIER_VARIANT: "the cross-entropy baseline, no clustering 
 
 def _split_folders(split):
     report = split.report or {}
-    return report.get("folder") or report.get("source")
+    return (report.get("folder") or report.get("source"), report.get("split"))  # Birdsnap: one folder, two splits
 
 
 def skipped_files(splits):
@@ -26,7 +26,7 @@ def skipped_files(splits):
     count, example, seen = 0, None, set()
     for split in splits:
         report = split.report or {}
-        key = _split_folders(split) or id(split)
+        key = _split_folders(split) if _split_folders(split)[0] else id(split)
         if key in seen:  # train and the held-out val come from one folder: one report
             continue
         seen.add(key)

@@ -129,8 +129,18 @@ def write_projector(output_dir, model, images, labels, info):
                                             "labelled with their fine and coarse classes.")
 
 
-def warn_data_report(split):
-    """One line on stderr for files skipped and class folders found empty (also when the decode was cached)."""
+def warn_data_report(splits):
+    """One line on stderr per folder with files skipped or class folders found empty (also when the decode was
+    cached): train and the val held out of it share their folder's report, and it is said once."""
+    seen = set()
+    for split in splits:
+        key = (split.report or {}).get("folder")
+        if key is None or key not in seen:
+            _warn_split_report(split)
+        seen.add(key)
+
+
+def _warn_split_report(split):
     report = split.report or {}
     skipped = report.get("skipped_undecodable") or []
     empty = report.get("empty_class_folders") or []
@@ -142,7 +152,8 @@ def warn_data_report(split):
 
 def data_summary(split):
     report = split.report or {}
-    keys = ("folder", "listed", "decoded", "skipped_undecodable", "empty_class_folders", "non_image_files")
+    keys = ("source", "folder", "listed", "decoded", "skipped_undecodable", "skipped_missing", "skipped_corrupt",
+            "empty_class_folders", "non_image_files")
     return {k: report[k] for k in keys if k in report}
 
 
