@@ -13,7 +13,7 @@ import yaml
 from keras_cwsn.constants import CRITERIA, EVAL_SPLITS, HEADS, NORMALIZATIONS, PHASES, PRECISIONS, STRATEGIES
 from keras_cwsn.data.registry import DATASETS, NETWORK_CONFIGS, get_dataset
 from keras_cwsn.errors import UserError, did_you_mean
-from keras_cwsn.models import ALL_VARIANTS, ARCHS, BATCHNORMS, CLASSIFIER_VARIANT, INITS
+from keras_cwsn.models import ALL_VARIANTS, ARCHS, BATCHNORMS, CLASSIFIER_VARIANT, INITS, MIN_INPUT_SIDE
 from keras_cwsn.optimizers import WEIGHT_DECAY_MODES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -163,6 +163,10 @@ def _check_data_keys(config):
     input_keys = [k for k in ("image_size", "normalization") if config[k] is not None]
     if input_keys and source == "synthetic":
         raise ConfigError(f"Config key(s) {', '.join(input_keys)} don't apply to the synthetic dataset (32x32, YUV).")
+    size = config["image_size"]
+    if size is not None and min([size] if isinstance(size, int) else size) < MIN_INPUT_SIDE[config["arch"]]:
+        raise ConfigError(f"Config key 'image_size' is too small for {config['arch']}: it needs a side of at least "
+                          f"{MIN_INPUT_SIDE[config['arch']]}. Received: {size!r}")
     if config["dataset"] == "folder" and config["hierarchy"] is None:
         raise ConfigError("Dataset 'folder' needs a hierarchy table mapping each class folder to its coarse class: "
                           "pass --hierarchy TABLE.tsv (or set `hierarchy:` in the config).")

@@ -97,6 +97,22 @@ def clustering_report(y_true, y_cluster, mapping=None):
     }
 
 
+def coarse_agreement(y_true, y_cluster, mapping, fine_to_coarse):
+    """Whether clusters follow the hierarchy: shares of examples whose cluster maps to a class of their coarse class.
+
+    Returns `coarse_agreement` (over all examples: mapped class in the true coarse class, the right
+    class included) and `coarse_agreement_of_errors` (over the examples mapped to a wrong class: the
+    share that stays in the true coarse class; chance is about (classes per group - 1) / (classes - 1)).
+    """
+    y_true, y_cluster = _as_labels(y_true, y_cluster)
+    to_coarse = np.asarray(fine_to_coarse)
+    predicted = map_clusters(y_cluster, mapping)
+    same = to_coarse[predicted] == to_coarse[y_true]
+    wrong = predicted != y_true
+    return {"coarse_agreement": float(np.mean(same)),
+            "coarse_agreement_of_errors": float(np.mean(same[wrong])) if wrong.any() else None}
+
+
 def pair_separability(train_features, train_second, eval_features, eval_second):
     """How well a linear classifier tells two classes apart on features: (train accuracy, eval accuracy).
 

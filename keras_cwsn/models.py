@@ -26,6 +26,9 @@ VARIANTS = {
 CLASSIFIER_VARIANT = "ce"
 ALL_VARIANTS = tuple(VARIANTS) + (CLASSIFIER_VARIANT,)
 ARCHS = tuple(NETWORK_INPUTS)
+# The smallest input side each trunk leaves at least one pixel of (LeNet: two valid 5x5 convs and 2x2
+# pools; AlexNet: the 11x11/4 conv and three 3x3/2 pools).
+MIN_INPUT_SIDE = {"lenet": 16, "alexnet": 63}
 CLASSIFIER_OUTPUT = "probabilities"
 SIDE_BRANCH_LAYERS = ("fc1_side",)
 LAST_LAYER = "fc3"  # the fine clusters' (clusterer) or classes' (classifier) logits, in every arch

@@ -285,3 +285,20 @@ def test_callback_rejects_bad_every():
     x, y = _data(4)
     with pytest.raises(ValueError, match="every must be >= 1"):
         ClusteringMetrics(x, y, every=0)
+
+
+def test_coarse_agreement_counts_clusters_that_stay_in_the_true_family():
+    from keras_cwsn.metrics import coarse_agreement
+
+    fine_to_coarse = [0, 0, 1, 1]  # classes 0, 1 in group 0; 2, 3 in group 1
+    y_true = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    mapping = np.array([0, 1, 2, 3])  # cluster k -> class k
+    # right, sibling (same group), right, other group, right, right, sibling, other group
+    clusters = np.array([0, 1, 1, 2, 2, 2, 2, 0])
+    figures = coarse_agreement(y_true, clusters, mapping, fine_to_coarse)
+    predicted_group = np.array(fine_to_coarse)[mapping[clusters]]
+    true_group = np.array(fine_to_coarse)[y_true]
+    assert figures["coarse_agreement"] == pytest.approx(np.mean(predicted_group == true_group)) == 6 / 8
+    assert figures["coarse_agreement_of_errors"] == pytest.approx(2 / 4)  # 4 errors, 2 of them siblings
+    perfect = coarse_agreement(y_true, y_true, mapping, fine_to_coarse)
+    assert perfect == {"coarse_agreement": 1.0, "coarse_agreement_of_errors": None}

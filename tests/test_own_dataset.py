@@ -116,6 +116,7 @@ def test_saved_model_evaluate_and_predict_name_the_species(runs, birds, capsys):
     figures = json.loads(capsys.readouterr().out)
     assert figures["num_examples"] == 2 * len(SPECIES)
     assert figures["classification_accuracy"] == pytest.approx(runs["D"]["classification_accuracy"])
+    assert figures["cluster_accuracy"] <= figures["coarse_agreement"] <= 1  # a right species is a right family
     folder = os.path.join(birds["tree"], "test", "Mallard")
     assert predict.main(["--model", os.path.join(run_dir, "classifier"), folder, "--json", "--top-k", "2"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
@@ -192,6 +193,8 @@ def test_a_table_at_odds_with_its_folders_is_one_line_and_trains_nothing(birds, 
     (["--dataset", "cifar10", "--hierarchy", "t.tsv"], "apply to folder datasets"),
     (["--dataset", "synthetic", "--set", "image_size=64"], "don't apply to the synthetic dataset"),
     (["--hierarchy", "t.tsv", "--data-dir", ".", "--set", "image_size=8"], "image_size"),
+    (["--hierarchy", "t.tsv", "--coarse-column", "family", "--data-dir", ".", "--set", "image_size=32"],
+     "too small for alexnet: it needs a side of at least 63"),
 ])
 def test_own_data_flags_misused_are_one_line(argv, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
