@@ -167,7 +167,9 @@ class ClusteringMetrics(keras.callbacks.Callback):
         labels: int array (N,). Labels at the output's hierarchy level.
         output: str. Model output to cluster by (argmax). Defaults to `"fine_fc3"`.
         prefix: str. Prefix of the log keys, e.g. `"val_"`. Defaults to `"val_"`.
-        every: int. Compute every this many epochs (and at the last). Defaults to 1.
+        every: int. Compute every this many epochs, and at the first and last epoch of each `fit`
+            (the first fixes CSVLogger's columns: keys missing from its first row are never written,
+            also when a resumed run appends). Defaults to 1.
         mapping_images, mapping_labels: optional data on which the Hungarian mapping is fitted
             (the training split); by default it is fitted on the evaluated data itself.
     """
@@ -182,9 +184,13 @@ class ClusteringMetrics(keras.callbacks.Callback):
         self.mapping_images, self.mapping_labels = mapping_images, mapping_labels
         self.batch_size = batch_size
 
+    def on_train_begin(self, logs=None):
+        self._first = True
+
     def on_epoch_end(self, epoch, logs=None):
         last = self.params and epoch + 1 == self.params.get("epochs")
-        if logs is None or ((epoch + 1) % self.every and not last):
+        first, self._first = getattr(self, "_first", True), False
+        if logs is None or ((epoch + 1) % self.every and not last and not first):
             return
         start = time.perf_counter()
         clusters = predict_clusters(self.model, self.images, self.output, self.batch_size)

@@ -1,5 +1,6 @@
 """Tests for keras_cwsn.metrics: hand-made clusterings with known answers, and the callback in fit."""
 
+import csv
 import math
 
 import keras
@@ -209,16 +210,26 @@ def test_callback_logs_figures_into_history():
         assert history.history["val_" + name][0] == pytest.approx(value)
 
 
-def test_callback_every_skips_epochs_but_computes_the_last():
+def test_callback_every_skips_epochs_but_computes_the_first_and_last(tmp_path):
     keras.utils.set_random_seed(0)
     x, y = _data()
     model = _tiny_clusterer()
     recorder = _LogKeys()
-    history = model.fit(x, {"fine_fc3": y}, epochs=3, batch_size=8, verbose=0,
-                        callbacks=[ClusteringMetrics(x, y, every=2, prefix="train_"), recorder])
+    csv_path = str(tmp_path / "history.csv")
+    history = model.fit(x, {"fine_fc3": y}, epochs=5, batch_size=8, verbose=0,
+                        callbacks=[ClusteringMetrics(x, y, every=3, prefix="train_"), recorder,
+                                   keras.callbacks.CSVLogger(csv_path, append=True)])
     present = [all("train_" + k[4:] in keys for k in KEYS) for keys in recorder.keys]
-    assert present == [False, True, True]  # epoch 1 skipped, epoch 2 (every 2nd), epoch 3 (the last)
-    assert len(history.history["train_nmi"]) == 2
+    assert present == [True, False, True, False, True]  # the first, every 3rd, the last
+    assert len(history.history["train_nmi"]) == 3
+    # CSVLogger takes its columns from the first epoch: the figures must be among them, also when a
+    # resumed fit appends to the same file.
+    model.fit(x, {"fine_fc3": y}, initial_epoch=5, epochs=7, batch_size=8, verbose=0,
+              callbacks=[ClusteringMetrics(x, y, every=3, prefix="train_"),
+                         keras.callbacks.CSVLogger(csv_path, append=True)])
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [row["train_nmi"] != "NA" for row in rows] == [True, False, True, False, True, True, True]
 
 
 def test_callback_mapping_fitted_on_training_data():
