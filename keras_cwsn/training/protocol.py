@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 
 import keras
@@ -24,7 +23,7 @@ from keras_cwsn.metrics import clustering_report, hungarian_mapping, predict_clu
 from keras_cwsn.models import build_model
 from keras_cwsn.variants import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, variant_levels
 from keras_cwsn.optional import tensorflow_available
-from keras_cwsn.training import records
+from keras_cwsn.training import log, records
 from keras_cwsn.training import resume as resume_policy
 from keras_cwsn.training import workers
 from keras_cwsn.training.callbacks import StepLearningRate, EpochTimer, ResumableWarmStart, StopOnNonFinite
@@ -43,6 +42,7 @@ class Run:
     strategy: object  # a tf.distribute.Strategy, or None without TensorFlow
     quiet: bool
     data: object = None
+    fresh: tuple = None  # (folder existed, its entries) before a fresh start; None when resuming
 
     @property
     def info(self):
@@ -68,10 +68,22 @@ def run(config, output_dir, overwrite=False, quiet=False, resume=True):
     """
     started = time.time()
     ctx = _start(config, output_dir, overwrite, quiet, resume)
-    ctx.data = load_run_data(config, quiet)
+    with resume_policy.undone_if_nothing_trained(ctx.output_dir, ctx.fresh):  # no stub runs in TensorBoard
+        return _protocol(ctx, started)
+
+
+def _protocol(ctx, started):
+    """The protocol proper, once the output folder is ready: data, the phases, the outputs, metrics.json."""
+    config = ctx.config
+    ctx.data = load_run_data(config, ctx.quiet)
     timings = {"data_s": round(time.time() - started, 2)}
+    for line in log.header(config, ctx.data, ctx.output_dir):
+        ctx.say(line)
+    with records.writing("the run's config", ctx.output_dir):  # once the data is read: a run in TensorBoard from now
+        records.write_config(ctx.output_dir, config)
     results = {"dataset": config["dataset"], "variant": config["variant"], "seed": config["seed"],
-               "num_train": len(ctx.data.train), "num_eval": len(ctx.data.evaluation), "eval_split": ctx.data.eval_split}
+               "num_train": len(ctx.data.train), "num_eval": len(ctx.data.evaluation), "eval_split": ctx.data.eval_split,
+               "data_read": log.data_line(config, ctx.data)}
     clusterer = mapping = None
     if config["variant"] != CLASSIFIER_VARIANT:  # phase 1: cluster pretraining, then the Hungarian mapping
         clusterer, cluster_result = cluster_phase(ctx)
@@ -100,16 +112,16 @@ def _start(config, output_dir, overwrite, quiet, resume_ok):
         from keras_cwsn import distribute
 
         output_dir = distribute.worker_output_dir(output_dir)
+    existed = os.path.isdir(output_dir)
     resuming = resume_policy.check_output_dir(output_dir, overwrite, resume_ok)
+    fresh = None if resuming else (existed, set(os.listdir(output_dir)))
     changes = resume_policy.check_resume_config(output_dir, config) if resuming else {}
     if changes:
         print("[resume] settings changed since the run started: " +
               "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
     seed_everything(config["seed"])
     keras.mixed_precision.set_global_policy(config["precision"])
-    with records.writing("the run's config", output_dir):
-        records.write_config(output_dir, config)
-    return Run(config, output_dir, strategy, quiet)
+    return Run(config, output_dir, strategy, quiet, fresh=fresh)
 
 
 def _make_strategy(name):
@@ -211,13 +223,16 @@ def fit_phase(ctx, phase, model, settings, levels, extra=(), validation_data=Non
         checkpoint.restore(model, first)
         return
     data = ctx.data
+    ctx.say(log.phase_line(phase, settings, ctx.config["variant"], first))
     batches, steps = training_data(data.train, data.stats, settings["batch_size"], levels, ctx.config, phase, first,
                                    epochs, preprocessed=data.train_x)
-    callbacks = [StopOnNonFinite(phase, backup_dir), *extra, StepLearningRate(settings), EpochTimer(),
+    bars = not ctx.quiet and log.progress_bars()
+    lines = [] if ctx.quiet or bars else [log.EpochLine(phase, epochs, data.eval_split)]
+    callbacks = [StopOnNonFinite(phase, backup_dir), *extra, StepLearningRate(settings), EpochTimer(), *lines,
                  keras.callbacks.CSVLogger(history, append=True), *_tensorboard(ctx, phase), checkpoint]
     model.fit(batches, epochs=epochs, initial_epoch=first, steps_per_epoch=steps, validation_data=validation_data,
               validation_batch_size=PREDICT_BATCH if isinstance(validation_data, tuple) else None,
-              shuffle=False, verbose=_verbosity(ctx.quiet), callbacks=callbacks)  # each epoch is ordered already
+              shuffle=False, verbose="auto" if bars else 0, callbacks=callbacks)  # each epoch is ordered already
 
 
 def _tensorboard(ctx, phase):
@@ -225,13 +240,6 @@ def _tensorboard(ctx, phase):
         return []
     return [keras.callbacks.TensorBoard(log_dir=os.path.join(ctx.output_dir, "logs", phase), write_graph=False,
                                         update_freq="epoch")]
-
-
-def _verbosity(quiet):
-    """Progress bars on a terminal; one line per epoch in a file or pipe (nohup, CI); nothing when quiet."""
-    if quiet:
-        return 0
-    return "auto" if sys.stdout.isatty() else 2
 
 
 def write_outputs(ctx, classifier, clusterer, results):
