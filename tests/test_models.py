@@ -179,6 +179,23 @@ def test_torch_init_draws_kernels_and_biases_from_pytorchs_uniform():
         build_model("lenet", "A", num_fine=NUM_FINE, init="he")
 
 
+def test_alexnet_configs_start_from_glorot_where_its_clusters_differ_across_images():
+    """AlexNet (no BatchNorm) from PyTorch's init gives nearly the same logits for every image, so the
+    pairwise-KL loss has no gradient to leave that plateau (docs/decisions.md); the bird configs start from Glorot."""
+    from keras_cwsn.config import load_config
+
+    assert load_config(None, "cub42")["init"] == "keras"
+    assert load_config(None, "birdsnap34")["init"] == "keras"
+    assert load_config(None, "cifar10")["init"] == "torch"  # LeNet has BatchNorm: the paper's init stays
+    images = np.random.default_rng(0).normal(size=(16, 64, 64, 3)).astype("float32")
+    spread = {}
+    for init in ("torch", "keras"):
+        keras.utils.set_random_seed(0)
+        model = build_model("alexnet", "C", num_fine=42, num_coarse=21, input_shape=(64, 64, 3), init=init)
+        spread[init] = float(np.std(np.asarray(model(images, training=False)["fine_fc3"]), axis=0).mean())
+    assert spread["keras"] > 3 * spread["torch"], spread
+
+
 @pytest.mark.parametrize("batchnorm, momentum, epsilon", [("keras", 0.99, 1e-3), ("torch", 0.9, 1e-5)])
 def test_batchnorm_setting_gives_every_bn_layer_its_momentum_and_epsilon(batchnorm, momentum, epsilon):
     """batchnorm="torch": PyTorch's BatchNorm (running stats move by 0.1 of the batch's, epsilon 1e-5)."""
