@@ -166,20 +166,30 @@ class ClusteringMetrics(keras.callbacks.Callback):
         self.mapping_images, self.mapping_labels = mapping_images, mapping_labels
         self.batch_size = batch_size
 
+    def due(self, epoch, epochs):
+        """Whether epoch `epoch` (from 0) of `epochs` gets the figures: every `every` epochs and the last."""
+        return (epoch + 1) % self.every == 0 or epoch + 1 == epochs
+
     def on_epoch_end(self, epoch, logs=None):
-        last = self.params and epoch + 1 == self.params.get("epochs")
-        if logs is None or ((epoch + 1) % self.every and not last):
+        if logs is None or not self.due(epoch, (self.params or {}).get("epochs")):
             return
         start = time.perf_counter()
         clusters = predict_clusters(self.model, self.images, self.output, self.batch_size)
-        mapping = None
+        train_clusters = None
         if self.mapping_images is not None:
             train_clusters = predict_clusters(self.model, self.mapping_images, self.output, self.batch_size)
-            mapping = hungarian_mapping(self.mapping_labels, train_clusters, num_clusters=None)
-            mapping = _extend(mapping, clusters)
-        for key, value in clustering_report(self.labels, clusters, mapping).items():
+        for key, value in epoch_figures(self.labels, clusters, self.mapping_labels, train_clusters).items():
             logs[self.prefix + key] = value
         logs["figures_seconds"] = round(time.perf_counter() - start, 3)  # what these figures cost the epoch
+
+
+def epoch_figures(labels, clusters, mapping_labels=None, mapping_clusters=None):
+    """The per-epoch clustering figures, the mapping fitted on (`mapping_labels`, `mapping_clusters`) when given
+    (the training sample), else on the evaluated data itself."""
+    mapping = None
+    if mapping_clusters is not None:
+        mapping = _extend(hungarian_mapping(mapping_labels, mapping_clusters, num_clusters=None), clusters)
+    return clustering_report(labels, clusters, mapping)
 
 
 def _extend(mapping, clusters):
