@@ -382,6 +382,8 @@ def run_seeds(config, seeds, output_dir, overwrite=False, quiet=False, resume=Tr
     why_not = together_lib.unavailable(config) if together else "--separate-seeds"
     if pending and why_not is None:
         per_seed.update(together_lib.run_together(config, pending, output_dir, overwrite, quiet, resume))
+    if pending and together and why_not is not None and keras.backend.backend() == "jax" and not quiet:
+        print(f"[seeds] the seeds run one after another: {why_not}", flush=True)
     for s in pending if why_not is not None else ():
         per_seed[s] = run(dict(config, seed=s), seed_dir(output_dir, s), overwrite, quiet, resume)
     summary = records.summarize([per_seed[s] for s in seeds])
