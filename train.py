@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from keras_cwsn.constants import STRATEGIES
+from keras_cwsn.constants import NETWORK_INPUTS, STRATEGIES
 from keras_cwsn.data.registry import datasets_help
 from keras_cwsn.errors import UsageError, UserError, one_line, print_error
 from keras_cwsn.optional import import_tensorflow_quietly, tensorflow_available
@@ -25,10 +25,19 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="synthetic", help=datasets_help())
+    p.add_argument("--dataset", default=None, help=f"{datasets_help()}. Default: synthetic, or folder with --hierarchy")
     p.add_argument("--variant", default=None, help="A, B, C, D (clustering warm start) or ce (baseline); default: the config's")
     p.add_argument("--config", default=None, help="config file (YAML/JSON); default: configs/<dataset>_<net>.yaml")
-    p.add_argument("--data-dir", default=None, help="dataset folder (CIFAR: DIR/train/<class>/*; Birdsnap: the download)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder (CIFAR, cub42, your own: DIR/train/<class>/*, optional DIR/test/<class>/*; "
+                        "Birdsnap: the download)")
+    p.add_argument("--hierarchy", default=None, metavar="TABLE",
+                   help="your own data: a TSV (or .csv) with a row per class folder and a column of coarse labels")
+    p.add_argument("--fine-column", default=None, help="the table's column of class-folder names (default: the first)")
+    p.add_argument("--coarse-column", default=None, help="the table's column of coarse labels (default: coarse)")
+    p.add_argument("--arch", default=None, choices=tuple(NETWORK_INPUTS),
+                   help="network; a folder dataset takes its input size, normalisation and Appendix B settings "
+                        "from it (default: the config's; alexnet for your own data)")
     p.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<variant>-<timestamp>")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2,3,4 (one sub-folder each)")
     p.add_argument("--separate-seeds", action="store_true",
@@ -52,7 +61,7 @@ def parse_args(argv=None):
                    help="override any config key, e.g. --set cluster.weight_decay=0.001 (value parsed as YAML)")
     p.add_argument("--strategy", default=None, choices=STRATEGIES,
                    help="tf.distribute strategy: auto (mirrored if >1 GPU, else one), one, mirrored (all local "
-                        "GPUs), multiworker (hosts from TF_CONFIG); see the README's multi-GPU section")
+                        "GPUs), multiworker (hosts from TF_CONFIG); see docs/training.md")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="continue an unfinished run found in --output-dir from its last completed epoch (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
@@ -69,10 +78,13 @@ def resolve_config(args):
 
     from keras_cwsn.config import ConfigError, load_config, set_value
 
-    config = load_config(args.config, dataset=None if args.config else args.dataset)
-    if args.config and args.dataset != "synthetic" and args.dataset != config["dataset"]:
-        config = set_value(config, "dataset", args.dataset)
-    flags = {"variant": args.variant, "data_dir": args.data_dir, "schedule_scale": args.schedule_scale,
+    dataset = args.dataset or ("folder" if args.hierarchy and not args.config else "synthetic")
+    data_flags = {"data_dir": args.data_dir, "arch": args.arch, "hierarchy": args.hierarchy,
+                  "fine_column": args.fine_column, "coarse_column": args.coarse_column}
+    if args.config and args.dataset:
+        data_flags["dataset"] = args.dataset
+    config = load_config(args.config, dataset=None if args.config else dataset, overrides=data_flags)
+    flags = {"variant": args.variant, "schedule_scale": args.schedule_scale,
              "head": args.head, "criterion": args.criterion, "double": args.double, "precision": args.precision, "xla": args.xla, "seed": args.seed,
              "strategy": args.strategy}
     for key, value in flags.items():
@@ -95,6 +107,13 @@ def resolve_config(args):
             raise ConfigError(f"--set {key.strip()}: the value {value!r} is not valid YAML") from None
         config = set_value(config, key.strip(), parsed)
     return config
+
+
+def run_name(config):
+    """The dataset's name, or the data folder's for your own data (`runs/<name>-<variant>-<time>`)."""
+    if config["dataset"] == "folder" and config["data_dir"]:
+        return os.path.basename(os.path.normpath(config["data_dir"])) or "folder"
+    return config["dataset"]
 
 
 def parse_seeds(args, config):
@@ -129,7 +148,7 @@ def main(argv=None):
         config = resolve_config(args)
         seeds = parse_seeds(args, config)
         output_dir = args.output_dir or os.path.join(
-            "runs", f"{config['dataset']}-{config['variant']}-{time.strftime('%Y%m%d-%H%M%S')}")
+            "runs", f"{run_name(config)}-{config['variant']}-{time.strftime('%Y%m%d-%H%M%S')}")
         run_seeds(config, seeds, output_dir, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume,
                   together=not args.separate_seeds)
     except (UserError, ValueError) as e:

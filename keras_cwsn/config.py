@@ -11,10 +11,10 @@ import os
 
 import yaml
 
-from keras_cwsn.constants import CRITERIA, EVAL_SPLITS, HEADS, PRECISIONS, STRATEGIES
-from keras_cwsn.data.registry import DATASETS, get_dataset
+from keras_cwsn.constants import CRITERIA, EVAL_SPLITS, HEADS, NORMALIZATIONS, PHASES, PRECISIONS, STRATEGIES
+from keras_cwsn.data.registry import DATASETS, NETWORK_CONFIGS, get_dataset
 from keras_cwsn.errors import UserError
-from keras_cwsn.models import ALL_VARIANTS, ARCHS, BATCHNORMS, INITS
+from keras_cwsn.models import ALL_VARIANTS, ARCHS, BATCHNORMS, CLASSIFIER_VARIANT, INITS, MIN_INPUT_SIDE
 from keras_cwsn.optimizers import WEIGHT_DECAY_MODES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -57,6 +57,14 @@ TOP_SCHEMA = {
     "eval_split": (lambda v: v == "auto" or v in EVAL_SPLITS, f"auto or one of {', '.join(EVAL_SPLITS)}"),
     "val_per_class": (_positive_int, "an integer >= 1"),
     "data_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
+    "hierarchy": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a TSV/CSV file path or null"),
+    "fine_column": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a column name or null (the first)"),
+    "coarse_column": (lambda v: v is None or (isinstance(v, str) and bool(v)), "a column name or null"),
+    "image_size": (lambda v: v is None or (_positive_int(v) and v >= 16) or (
+        isinstance(v, list) and len(v) == 2 and all(_positive_int(s) and s >= 16 for s in v)),
+        "null (the network's), a side >= 16 or [height, width]"),
+    "normalization": (lambda v: v is None or v in NORMALIZATIONS, f"null (the network's) or one of "
+                                                                   f"{', '.join(NORMALIZATIONS)}"),
     "xla": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "weight_decay_mode": (lambda v: v in WEIGHT_DECAY_MODES, f"one of {', '.join(WEIGHT_DECAY_MODES)}"),
     "init": (lambda v: v in INITS, f"one of {', '.join(INITS)}"),
@@ -84,7 +92,8 @@ SYNTHETIC_SCHEMA = {
 }
 DEFAULTS = {
     "variant": "D", "double": False, "margin": 2.0, "criterion": "kcl", "head": "hungarian", "schedule_scale": 1.0,
-    "eval_split": "auto", "val_per_class": 500, "data_dir": None, "xla": "auto", "precision": "float32",
+    "eval_split": "auto", "val_per_class": 500, "data_dir": None, "hierarchy": None, "fine_column": None,
+    "coarse_column": None, "image_size": None, "normalization": None, "xla": "auto", "precision": "float32",
     "seed": 0, "augment": False, "metrics_every": 1, "steps_per_execution": "auto",
     "metrics_sample": 5000, "weight_decay_mode": "coupled", "init": "torch", "batchnorm": "keras",
     "last_layer_weight_decay": True,
@@ -123,6 +132,7 @@ def validate(config):
     if config["synthetic"] and config["dataset"] != "synthetic":  # it would be silently ignored
         raise ConfigError(f"Config key 'synthetic' applies to dataset 'synthetic' only; this config's dataset is "
                           f"{config['dataset']!r}. Remove the synthetic settings or use --dataset synthetic.")
+    _check_data_keys(config)
     for phase in ("cluster", "classify"):
         for key in config[phase]:  # unknown keys first: a misspelt key is also a missing one
             if key not in PHASE_SCHEMA:
@@ -140,13 +150,53 @@ def validate(config):
     return config
 
 
-def load_config(path=None, dataset=None):
-    """Read and validate a YAML/JSON config file (or the dataset's default one)."""
+def _check_data_keys(config):
+    """Keys that apply to some datasets only: set on another they would be silently ignored."""
+    source = get_dataset(config["dataset"]).source
+    table_keys = [k for k in ("hierarchy", "fine_column", "coarse_column") if config[k] is not None]
+    if table_keys and source != "folder":
+        raise ConfigError(f"Config key(s) {', '.join(table_keys)} apply to folder datasets (your own images with a "
+                          f"hierarchy table); this config's dataset is {config['dataset']!r}. Use --dataset folder "
+                          f"(or just --hierarchy TABLE with --data-dir DIR).")
+    input_keys = [k for k in ("image_size", "normalization") if config[k] is not None]
+    if input_keys and source == "synthetic":
+        raise ConfigError(f"Config key(s) {', '.join(input_keys)} don't apply to the synthetic dataset (32x32, YUV).")
+    size = config["image_size"]
+    if size is not None and min([size] if isinstance(size, int) else size) < MIN_INPUT_SIDE[config["arch"]]:
+        raise ConfigError(f"Config key 'image_size' is too small for {config['arch']}: it needs a side of at least "
+                          f"{MIN_INPUT_SIDE[config['arch']]}. Received: {size!r}")
+    if config["dataset"] == "folder" and config["hierarchy"] is None:
+        raise ConfigError("Dataset 'folder' needs a hierarchy table mapping each class folder to its coarse class: "
+                          "pass --hierarchy TABLE.tsv (or set `hierarchy:` in the config).")
+
+
+def default_config_path(dataset, arch=None):
+    """The dataset's config file in `configs/`; a folder dataset takes its network's (`NETWORK_CONFIGS`)."""
+    try:
+        config_file = get_dataset(dataset).config_file
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    if config_file is None:
+        if arch is not None and arch not in NETWORK_CONFIGS:
+            raise ConfigError(f"Unknown arch. Expected one of {', '.join(NETWORK_CONFIGS)}. Received: arch={arch!r}")
+        config_file = NETWORK_CONFIGS[arch or "alexnet"]
+    return os.path.join(CONFIG_DIR, config_file)
+
+
+def load_config(path=None, dataset=None, overrides=None):
+    """Read and validate a YAML/JSON config file (or the dataset's default one).
+
+    Args:
+        path: str or None. The file; None takes the dataset's default (`default_config_path`), with
+            `dataset` put in: a dataset may share another's settings file (cub42 runs Birdsnap34's
+            Appendix B settings, a folder dataset its network's).
+        overrides: dict or None. Top-level keys laid over the file before it is validated (e.g.
+            `arch`, `hierarchy`: a folder dataset is valid only with its table).
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if path is None:
-        try:
-            path = os.path.join(CONFIG_DIR, get_dataset(dataset).config_file)
-        except UserError as e:
-            raise ConfigError(str(e)) from None
+        path = default_config_path(dataset, overrides.get("arch"))
+        overrides = {"dataset": dataset, **overrides}
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path}")
     with open(path) as f:
@@ -154,6 +204,8 @@ def load_config(path=None, dataset=None):
             config = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    if overrides and isinstance(config, dict):
+        config.update(overrides)
     return validate(config)
 
 
@@ -168,6 +220,11 @@ def set_value(config, dotted_key, value):
         node = node[p]
     node[last] = value
     return validate(config)
+
+
+def run_phases(config):
+    """The phases a run trains: both, or `classify` alone for the `ce` baseline (it has no clusterer)."""
+    return ("classify",) if config["variant"] == CLASSIFIER_VARIANT else PHASES
 
 
 def phase_settings(config, phase):

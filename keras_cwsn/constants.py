@@ -8,6 +8,10 @@ HEADS = ("hungarian", "copy", "fresh")  # how the warm start moves the clusterer
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 EVAL_SPLITS = ("val", "test")
+# Each network's input size and normalisation, which a folder dataset takes unless its config says otherwise:
+# LeNet as on CIFAR-10 (Hsu & Kira's YUV), AlexNet as on Birdsnap (ImageNet mean and std).
+NETWORK_INPUTS = {"lenet": ((32, 32), "yuv"), "alexnet": ((224, 224), "imagenet")}
+NORMALIZATIONS = ("yuv", "imagenet")
 CRITERIA = ("kcl", "mcl")  # the clusterer's pairwise loss: KCL (the paper's) or MCL (Hsu et al., ICLR 2019)
 # The figures a run reports, in the order tables show them.
 FIGURES = ("cluster_accuracy", "nmi", "purity", "classification_accuracy")

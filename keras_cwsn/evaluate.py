@@ -34,7 +34,7 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
     import tensorflow as tf
 
     from keras_cwsn import data as data_lib
-    from keras_cwsn.metrics import cluster_confusion, clustering_report, predict_clusters
+    from keras_cwsn.metrics import cluster_confusion, clustering_report, coarse_agreement, predict_clusters
     from keras_cwsn.training.inputs import load_training_split
 
     config_path = os.path.join(run_dir, "config.json")
@@ -53,7 +53,7 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
                                     f"{flag} needs a clusterer.")
     with open(config_path) as f:
         config = json.load(f)
-    split_data = data_lib.load_split(config["dataset"], split, data_dir=data_dir or config["data_dir"],
+    split_data = data_lib.load_split(data_lib.dataset_spec(config), split, data_dir=data_dir or config["data_dir"],
                                      val_per_class=config["val_per_class"], synthetic=config["synthetic"])
     pair = _class_ids(probe, split_data.info.fine_names) if probe else None
     load_training = functools.cache(lambda: load_training_split(config, data_dir))  # loaded once, if at all
@@ -78,6 +78,7 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=256, confusion
         images = data_lib.make_pipeline(split_data, stats, batch_size, images_only=True)
         clusters = predict_clusters(clusterer, images, "fine_fc3")
         figures.update(clustering_report(split_data.labels, clusters, mapping))
+        figures.update(coarse_agreement(split_data.labels, clusters, mapping, split_data.info.fine_to_coarse))
         if confusion:
             names = list(split_data.info.fine_names)
             counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))

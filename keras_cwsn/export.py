@@ -269,9 +269,12 @@ def export_classifier(classifier, path, class_names, image_size, stats, metadata
     return path
 
 
-def run_metadata(config, results):
-    """The facts about a run that travel with its SavedModel (dataset, variant, figures)."""
-    return {"dataset": config["dataset"], "variant": config["variant"], "figures": dict(results)}
+def run_metadata(config, results, info=None):
+    """The facts about a run that travel with its SavedModel (dataset, variant, figures, the class hierarchy)."""
+    metadata = {"dataset": config["dataset"], "variant": config["variant"], "figures": dict(results)}
+    if info is not None:
+        metadata.update(coarse_names=list(info.coarse_names), fine_to_coarse=[int(c) for c in info.fine_to_coarse])
+    return metadata
 
 
 def export_run(run_dir, path=None):
@@ -280,7 +283,7 @@ def export_run(run_dir, path=None):
     For runs trained where TensorFlow was missing (the JAX backend): the same folder `train.py`
     writes on TensorFlow, built from the run's own `preprocessing.json` and `metrics.json`.
     """
-    from keras_cwsn.data import dataset_info
+    from keras_cwsn.data import dataset_info, dataset_spec
     from keras_cwsn.errors import UserError
 
     needed = ("classifier.keras", "preprocessing.json", "metrics.json")
@@ -292,11 +295,12 @@ def export_run(run_dir, path=None):
     with open(os.path.join(run_dir, "metrics.json")) as f:
         results = json.load(f)
     config = results["config"]
-    info = dataset_info(config["dataset"])
+    info = dataset_info(dataset_spec(config))
     classifier = keras.saving.load_model(os.path.join(run_dir, "classifier.keras"), compile=False)
-    figures = {k: v for k, v in results.items() if k not in ("config", "versions", "data", "class_names")}
+    figures = {k: v for k, v in results.items()
+               if k not in ("config", "versions", "data", "class_names", "coarse_names", "fine_to_coarse")}
     return export_classifier(classifier, path or os.path.join(run_dir, "classifier"), results["class_names"],
-                             info.image_size, stats, metadata=run_metadata(config, figures))
+                             info.image_size, stats, metadata=run_metadata(config, figures, info))
 
 
 def main(argv=None):

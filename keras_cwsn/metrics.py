@@ -97,6 +97,22 @@ def clustering_report(y_true, y_cluster, mapping=None):
     }
 
 
+def coarse_agreement(y_true, y_cluster, mapping, fine_to_coarse):
+    """Whether clusters follow the hierarchy: shares of examples whose cluster maps to a class of their coarse class.
+
+    Returns `coarse_agreement` (over all examples: mapped class in the true coarse class, the right
+    class included) and `coarse_agreement_of_errors` (over the examples mapped to a wrong class: the
+    share that stays in the true coarse class; chance is about (classes per group - 1) / (classes - 1)).
+    """
+    y_true, y_cluster = _as_labels(y_true, y_cluster)
+    to_coarse = np.asarray(fine_to_coarse)
+    predicted = map_clusters(y_cluster, mapping)
+    same = to_coarse[predicted] == to_coarse[y_true]
+    wrong = predicted != y_true
+    return {"coarse_agreement": float(np.mean(same)),
+            "coarse_agreement_of_errors": float(np.mean(same[wrong])) if wrong.any() else None}
+
+
 def pair_separability(train_features, train_second, eval_features, eval_second):
     """How well a linear classifier tells two classes apart on features: (train accuracy, eval accuracy).
 
@@ -151,7 +167,9 @@ class ClusteringMetrics(keras.callbacks.Callback):
         labels: int array (N,). Labels at the output's hierarchy level.
         output: str. Model output to cluster by (argmax). Defaults to `"fine_fc3"`.
         prefix: str. Prefix of the log keys, e.g. `"val_"`. Defaults to `"val_"`.
-        every: int. Compute every this many epochs (and at the last). Defaults to 1.
+        every: int. Compute every this many epochs, and at the first and last epoch of each `fit`
+            (the first fixes CSVLogger's columns: keys missing from its first row are never written,
+            also when a resumed run appends). Defaults to 1.
         mapping_images, mapping_labels: optional data on which the Hungarian mapping is fitted
             (the training split); by default it is fitted on the evaluated data itself.
     """
@@ -166,12 +184,17 @@ class ClusteringMetrics(keras.callbacks.Callback):
         self.mapping_images, self.mapping_labels = mapping_images, mapping_labels
         self.batch_size = batch_size
 
-    def due(self, epoch, epochs):
-        """Whether epoch `epoch` (from 0) of `epochs` gets the figures: every `every` epochs and the last."""
-        return (epoch + 1) % self.every == 0 or epoch + 1 == epochs
+    def on_train_begin(self, logs=None):
+        self._first = True
+
+    def due(self, epoch, epochs, first=False):
+        """Whether epoch `epoch` (from 0) of `epochs` gets the figures: every `every` epochs, the last, and the
+        first of each `fit` (`first`)."""
+        return first or (epoch + 1) % self.every == 0 or epoch + 1 == epochs
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None or not self.due(epoch, (self.params or {}).get("epochs")):
+        first, self._first = getattr(self, "_first", True), False
+        if logs is None or not self.due(epoch, (self.params or {}).get("epochs"), first):
             return
         start = time.perf_counter()
         clusters = predict_clusters(self.model, self.images, self.output, self.batch_size)

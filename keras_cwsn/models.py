@@ -10,6 +10,8 @@ import math
 import keras
 from keras import layers
 
+from keras_cwsn.constants import NETWORK_INPUTS
+
 LossTap = collections.namedtuple("LossTap", ["level", "layer", "weight"])
 
 # The paper's Fig. 2 / Appendix B (weights read earliest layer first: README, "Decisions where the
@@ -23,8 +25,10 @@ VARIANTS = {
 }
 CLASSIFIER_VARIANT = "ce"
 ALL_VARIANTS = tuple(VARIANTS) + (CLASSIFIER_VARIANT,)
-ARCHS = ("lenet", "alexnet")
-DEFAULT_INPUT_SHAPES = {"lenet": (32, 32, 3), "alexnet": (224, 224, 3)}
+ARCHS = tuple(NETWORK_INPUTS)
+# The smallest input side each trunk leaves at least one pixel of (LeNet: two valid 5x5 convs and 2x2
+# pools; AlexNet: the 11x11/4 conv and three 3x3/2 pools).
+MIN_INPUT_SIDE = {"lenet": 16, "alexnet": 63}
 CLASSIFIER_OUTPUT = "probabilities"
 SIDE_BRANCH_LAYERS = ("fc1_side",)
 LAST_LAYER = "fc3"  # the fine clusters' (clusterer) or classes' (classifier) logits, in every arch
@@ -161,7 +165,7 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
     taps = () if variant == CLASSIFIER_VARIANT else variant_taps(variant)
     if any(t.level == "coarse" for t in taps) and (num_coarse is None or num_coarse < 2):
         raise ValueError(f"Variant {variant} uses coarse labels: num_coarse must be >= 2. Received: {num_coarse!r}")
-    input_shape = tuple(input_shape or DEFAULT_INPUT_SHAPES[arch])
+    input_shape = tuple(input_shape or NETWORK_INPUTS[arch][0] + (3,))
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise ValueError(f"input_shape must be (H, W, 3). Received: input_shape={input_shape}")
     trunk, (fc1_units, fc2_units), fc_style = ARCH_SPECS[arch]

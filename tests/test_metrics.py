@@ -1,5 +1,6 @@
 """Tests for keras_cwsn.metrics: hand-made clusterings with known answers, and the callback in fit."""
 
+import csv
 import math
 
 import keras
@@ -209,16 +210,26 @@ def test_callback_logs_figures_into_history():
         assert history.history["val_" + name][0] == pytest.approx(value)
 
 
-def test_callback_every_skips_epochs_but_computes_the_last():
+def test_callback_every_skips_epochs_but_computes_the_first_and_last(tmp_path):
     keras.utils.set_random_seed(0)
     x, y = _data()
     model = _tiny_clusterer()
     recorder = _LogKeys()
-    history = model.fit(x, {"fine_fc3": y}, epochs=3, batch_size=8, verbose=0,
-                        callbacks=[ClusteringMetrics(x, y, every=2, prefix="train_"), recorder])
+    csv_path = str(tmp_path / "history.csv")
+    history = model.fit(x, {"fine_fc3": y}, epochs=5, batch_size=8, verbose=0,
+                        callbacks=[ClusteringMetrics(x, y, every=3, prefix="train_"), recorder,
+                                   keras.callbacks.CSVLogger(csv_path, append=True)])
     present = [all("train_" + k[4:] in keys for k in KEYS) for keys in recorder.keys]
-    assert present == [False, True, True]  # epoch 1 skipped, epoch 2 (every 2nd), epoch 3 (the last)
-    assert len(history.history["train_nmi"]) == 2
+    assert present == [True, False, True, False, True]  # the first, every 3rd, the last
+    assert len(history.history["train_nmi"]) == 3
+    # CSVLogger takes its columns from the first epoch: the figures must be among them, also when a
+    # resumed fit appends to the same file.
+    model.fit(x, {"fine_fc3": y}, initial_epoch=5, epochs=7, batch_size=8, verbose=0,
+              callbacks=[ClusteringMetrics(x, y, every=3, prefix="train_"),
+                         keras.callbacks.CSVLogger(csv_path, append=True)])
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [row["train_nmi"] != "NA" for row in rows] == [True, False, True, False, True, True, True]
 
 
 def test_callback_mapping_fitted_on_training_data():
@@ -285,3 +296,20 @@ def test_callback_rejects_bad_every():
     x, y = _data(4)
     with pytest.raises(ValueError, match="every must be >= 1"):
         ClusteringMetrics(x, y, every=0)
+
+
+def test_coarse_agreement_counts_clusters_that_stay_in_the_true_family():
+    from keras_cwsn.metrics import coarse_agreement
+
+    fine_to_coarse = [0, 0, 1, 1]  # classes 0, 1 in group 0; 2, 3 in group 1
+    y_true = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    mapping = np.array([0, 1, 2, 3])  # cluster k -> class k
+    # right, sibling (same group), right, other group, right, right, sibling, other group
+    clusters = np.array([0, 1, 1, 2, 2, 2, 2, 0])
+    figures = coarse_agreement(y_true, clusters, mapping, fine_to_coarse)
+    predicted_group = np.array(fine_to_coarse)[mapping[clusters]]
+    true_group = np.array(fine_to_coarse)[y_true]
+    assert figures["coarse_agreement"] == pytest.approx(np.mean(predicted_group == true_group)) == 6 / 8
+    assert figures["coarse_agreement_of_errors"] == pytest.approx(2 / 4)  # 4 errors, 2 of them siblings
+    perfect = coarse_agreement(y_true, y_true, mapping, fine_to_coarse)
+    assert perfect == {"coarse_agreement": 1.0, "coarse_agreement_of_errors": None}

@@ -7,10 +7,10 @@ starts without loading TensorFlow.
 from keras_cwsn._lazy import lazy_getattr
 
 _EXPORTS = {
-    "registry": ("DATASETS", "DatasetSpec", "DatasetUnavailableError", "get_dataset"),
+    "registry": ("DATASETS", "DatasetSpec", "DatasetUnavailableError", "dataset_spec", "get_dataset"),
     "pipeline": ("SPLITS", "Split", "dataset_info", "load_split", "holdout_mask", "preprocessing_stats",
                  "make_pipeline", "resolve_eval_split", "has_test_split"),
-    "info": ("DatasetInfo",),
+    "info": ("DatasetInfo", "HierarchyTableError"),
 }
 __all__ = [name for names in _EXPORTS.values() for name in names]
 

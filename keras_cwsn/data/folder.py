@@ -27,17 +27,25 @@ def default_cache_dir():
     return os.environ.get("KERAS_CWSN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "keras_cwsn"))
 
 
-def list_split(data_dir, split_folder, class_names):
-    """(paths, labels, report) for `data_dir/split_folder/<class>/*`; unknown class folders are an error."""
+def list_split(data_dir, split_folder, class_names, every_class=False):
+    """(paths, labels, report) for `data_dir/split_folder/<class>/*`; unknown class folders are an error.
+
+    `every_class`: a class with no folder is an error too (else it is reported as an empty folder).
+    """
     root = os.path.join(data_dir, split_folder)
     if not os.path.isdir(root):
         raise FolderError(f"No folder {root!r}: expected {split_folder}/<class>/<images> under --data-dir {data_dir!r}.")
     folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     unknown = [d for d in folders if d not in class_names]
     if unknown:
-        raise FolderError(
-            f"{root}: class folders {unknown} are not in the class table ({', '.join(class_names)})."
-        )
+        raise FolderError(f"{root}: class folder(s) {', '.join(map(repr, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}"
+                          f" not in the class table ({len(class_names)} classes): add a row to the hierarchy table "
+                          f"for each, or move the folder out.")
+    missing = [c for c in class_names if c not in folders]
+    if every_class and missing:
+        raise FolderError(f"{root}: no folder for {len(missing)} class(es) of the hierarchy table "
+                          f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): add the folders, or "
+                          f"drop their rows from the table.")
     paths, labels, report = [], [], {"empty_class_folders": [], "non_image_files": 0}
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
@@ -123,9 +131,10 @@ def _decode_files_pillow(paths, labels, image_size):
     return images, labels[np.asarray(kept, np.int64)], skipped
 
 
-def load_folder_split(data_dir, split_folder, class_names, image_size, cache_dir=None, verbose=True):
+def load_folder_split(data_dir, split_folder, class_names, image_size, cache_dir=None, verbose=True,
+                      every_class=False):
     """Decoded (images, labels, report) of one split folder, cached after the first read."""
-    paths, labels, report = list_split(data_dir, split_folder, class_names)
+    paths, labels, report = list_split(data_dir, split_folder, class_names, every_class)
     digest = hashlib.sha1()
     for p in paths:
         st = os.stat(p)

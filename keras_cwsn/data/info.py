@@ -1,12 +1,13 @@
 """What every dataset source hands to the training code: class names per level and the hierarchy."""
 
-import dataclasses
 import csv
+import dataclasses
+import difflib
 import os
 
 import numpy as np
 
-TABLES_DIR = os.path.join(os.path.dirname(__file__), "tables")
+from keras_cwsn.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,27 +58,55 @@ class DatasetInfo:
         return dataclasses.asdict(self)
 
 
+class HierarchyTableError(UserError):
+    """A hierarchy table that can't label a dataset: missing, malformed, or at odds with its folders."""
+
+
 def read_hierarchy_table(path, fine_column, coarse_column):
-    """Read a tab-separated hierarchy table into (fine_names, coarse_names, fine_to_coarse, rows).
+    """Read a hierarchy table (TSV, or CSV by its `.csv` name) into (fine_names, coarse_names, fine_to_coarse, rows).
+
+    Args:
+        fine_column: str or None. The column naming each fine class (None: the first column).
+        coarse_column: str. The column naming its coarse class.
 
     Coarse names are numbered in order of first appearance so the table alone fixes the labels.
+    Raises `HierarchyTableError` naming the file and the problem (missing column, empty or repeated
+    class, empty coarse label).
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Hierarchy table not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    for column in (fine_column, coarse_column):
-        if rows and column not in rows[0]:
-            raise ValueError(f"Hierarchy table {path} has no column {column!r}; columns: {list(rows[0])}.")
+    if not os.path.isfile(path):
+        raise HierarchyTableError(f"Hierarchy table not found: {path}")
+    delimiter = "," if path.lower().endswith(".csv") else "\t"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items()}
+                    for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise HierarchyTableError(f"Hierarchy table {path} can't be read as {'CSV' if delimiter == ',' else 'TSV'} "
+                                  f"text: {e}") from None
+    if not columns or not rows:
+        raise HierarchyTableError(f"Hierarchy table {path} has no rows under a header line.")
+    fine_column = fine_column or columns[0]
+    for role, column in (("fine", fine_column), ("coarse", coarse_column)):
+        if column not in columns:
+            close = difflib.get_close_matches(column, columns, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise HierarchyTableError(f"Hierarchy table {path} has no {role} column {column!r}.{hint} "
+                                      f"Columns: {', '.join(columns)}.")
     fine_names, coarse_names, fine_to_coarse = [], [], []
-    for row in rows:
-        coarse = row[coarse_column].strip()
+    for line, row in enumerate(rows, start=2):
+        fine, coarse = row.get(fine_column) or "", row.get(coarse_column) or ""
+        if not fine:
+            raise HierarchyTableError(f"Hierarchy table {path}, line {line}: empty {fine_column!r}.")
         if not coarse:
-            raise ValueError(f"Hierarchy table {path}: row {row[fine_column]!r} has an empty {coarse_column!r}.")
+            raise HierarchyTableError(f"Hierarchy table {path}, line {line}: class {fine!r} has an empty "
+                                      f"{coarse_column!r}.")
+        if fine in fine_names:
+            raise HierarchyTableError(f"Hierarchy table {path}, line {line}: class {fine!r} is listed twice "
+                                      f"(first on line {fine_names.index(fine) + 2}).")
         if coarse not in coarse_names:
             coarse_names.append(coarse)
-        fine_names.append(row[fine_column].strip())
+        fine_names.append(fine)
         fine_to_coarse.append(coarse_names.index(coarse))
-    if len(set(fine_names)) != len(fine_names):
-        raise ValueError(f"Hierarchy table {path} repeats a fine class.")
     return tuple(fine_names), tuple(coarse_names), tuple(fine_to_coarse), rows

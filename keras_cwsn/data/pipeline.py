@@ -1,8 +1,10 @@
 """Every dataset's splits (`load_split`), their statistics, and batched `(image, {output: labels})` tf.data.
 
 Sources (`registry.DATASETS`): `synthetic` (embedded, no download), `cifar10` / `cifar100` (a
-local folder of class sub-folders via `data_dir`, else TFDS), `birdsnap34` / `birdsnap` (TFDS
-builder over a manual download). In-memory splits (synthetic, folders) load without TensorFlow,
+local folder of class sub-folders via `data_dir`, else TFDS), `folder` / `cub42` (a folder of
+class sub-folders labelled by a hierarchy table), `birdsnap34` / `birdsnap` (TFDS builder over a
+manual download). Every function here takes a dataset name or the `DatasetSpec` a run's config
+resolves to (`registry.dataset_spec`). In-memory splits (synthetic, folders) load without TensorFlow,
 so the protocol runs on JAX too; TFDS, Birdsnap and `make_pipeline` need it.
 """
 
@@ -15,8 +17,8 @@ import numpy as np
 
 from keras_cwsn.atomic import write_json_atomic
 from keras_cwsn.data import folder, normalize
-from keras_cwsn.data.info import DatasetInfo, read_hierarchy_table
-from keras_cwsn.data.registry import DatasetUnavailableError, get_dataset
+from keras_cwsn.data.info import DatasetInfo, HierarchyTableError, read_hierarchy_table
+from keras_cwsn.data.registry import DatasetSpec, DatasetUnavailableError, dataset_spec, get_dataset
 from keras_cwsn.data.synthetic import make_synthetic, synthetic_info
 from keras_cwsn.optional import tensorflow_available
 
@@ -55,9 +57,13 @@ def require_tensorflow(what):
                                       f"use the embedded dataset or a folder (--data-dir DIR/train/<class>/*.jpg).")
 
 
-def has_test_split(name, data_dir=None):
+def _spec(dataset):
+    return dataset if isinstance(dataset, DatasetSpec) else get_dataset(dataset)
+
+
+def has_test_split(dataset, data_dir=None):
     """Whether the dataset offers a test split: TFDS and Birdsnap do, a folder only with `test/`."""
-    if get_dataset(name).source == "cifar" and data_dir is not None:
+    if _spec(dataset).source in ("cifar", "folder") and data_dir is not None:
         return os.path.isdir(os.path.join(data_dir, "test"))
     return True
 
@@ -66,26 +72,30 @@ def resolve_eval_split(config):
     """The split the figures are on: the config's, or on `auto` test where there is one (the paper's), else val."""
     if config["eval_split"] != "auto":
         return config["eval_split"]
-    return "test" if has_test_split(config["dataset"], config["data_dir"]) else "val"
+    return "test" if has_test_split(dataset_spec(config), config["data_dir"]) else "val"
 
 
-def dataset_info(name):
-    """DatasetInfo (class names, hierarchy) of a named dataset without loading any image."""
-    spec = get_dataset(name)
+def dataset_info(dataset):
+    """DatasetInfo (class names, hierarchy) of a dataset (name or spec) without loading any image."""
+    spec = _spec(dataset)
     if spec.source == "synthetic":
         return synthetic_info()
     fine, coarse, f2c, _ = read_hierarchy_table(spec.table_path, spec.fine_column, spec.coarse_column)
-    return DatasetInfo(name, fine, coarse, f2c, image_size=spec.image_size, normalization=spec.normalization)
+    if spec.source == "folder" and len(coarse) < 2:
+        raise HierarchyTableError(f"Hierarchy table {spec.table_path}: column {spec.coarse_column!r} puts every class "
+                                  f"in one group ({coarse[0]!r}); the coarse labels need at least two groups.")
+    return DatasetInfo(spec.name, fine, coarse, f2c, image_size=spec.image_size, normalization=spec.normalization)
 
 
-def load_split(name, split, data_dir=None, val_per_class=500, synthetic=None, cache_dir=None, verbose=True):
+def load_split(dataset, split, data_dir=None, val_per_class=500, synthetic=None, cache_dir=None, verbose=True):
     """Load one split of a dataset as a `Split` (images not yet preprocessed).
 
     Args:
-        name: str. One of `DATASETS`.
+        dataset: str or DatasetSpec. One of `DATASETS`, or a run's `dataset_spec(config)`.
         split: str. `"train"`, `"val"` (held out from the training images) or `"test"`.
         data_dir: str or None. Local folder (`train/<class>/*`, optional `test/<class>/*`) for
-            CIFAR; the Birdsnap download folder for Birdsnap. Defaults to None (TFDS / default dir).
+            CIFAR and folder datasets; the Birdsnap download folder for Birdsnap. Defaults to None
+            (TFDS / default dir; a folder dataset needs one).
         val_per_class: int. Images per class held out of `train/` as `val` (the last ones by file
             name); 0 trains on all of `train/` (when the figures are on `test`). Defaults to 500.
         synthetic: dict or None. `train_size`, `eval_size`, `num_coarse`, `fine_per_coarse`, `data_seed`.
@@ -95,13 +105,18 @@ def load_split(name, split, data_dir=None, val_per_class=500, synthetic=None, ca
         raise ValueError(f"Unknown split. Expected one of {', '.join(SPLITS)}. Received: split={split!r}")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DatasetUnavailableError(f"--data-dir {data_dir!r} does not exist or is not a folder.")
-    source = get_dataset(name).source
+    spec = _spec(dataset)
+    name, source = spec.name, spec.source
     if source == "synthetic":
         return _synthetic_split(split, synthetic or {})
-    info = dataset_info(name)
-    if source == "cifar":
+    if source == "folder" and data_dir is None:
+        raise DatasetUnavailableError(f"Dataset {name!r} is read from a folder: pass --data-dir DIR with "
+                                      f"DIR/train/<class>/* (and optionally DIR/test/<class>/*).")
+    info = dataset_info(spec)
+    if source in ("cifar", "folder"):
         if data_dir is not None:
-            return _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose)
+            return _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose,
+                                 every_class=source == "folder")
         return _tfds_cifar_split(name, split, info, val_per_class)
     return _birdsnap_split(name, split, data_dir, info)
 
@@ -129,18 +144,20 @@ def _synthetic_split(split, options):
     return _from_arrays("synthetic", split, images, labels, info)
 
 
-def _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose):
+def _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose, every_class=False):
+    """`every_class`: each class of the table must have a folder (a folder dataset's table and folders must agree)."""
+
+    def read(folder_name):
+        return folder.load_folder_split(data_dir, folder_name, info.fine_names, info.image_size, cache_dir, verbose,
+                                        every_class=every_class)
+
     if split == "test":
-        images, labels, report = folder.load_folder_split(data_dir, "test", info.fine_names, info.image_size,
-                                                          cache_dir, verbose)
+        images, labels, report = read("test")
         return _from_arrays(name, split, images, labels, info, report)
     if os.path.isdir(os.path.join(data_dir, "val")):
-        folder_name = "train" if split == "train" else "val"
-        images, labels, report = folder.load_folder_split(data_dir, folder_name, info.fine_names,
-                                                          info.image_size, cache_dir, verbose)
+        images, labels, report = read("train" if split == "train" else "val")
         return _from_arrays(name, split, images, labels, info, report)
-    images, labels, report = folder.load_folder_split(data_dir, "train", info.fine_names, info.image_size,
-                                                      cache_dir, verbose)
+    images, labels, report = read("train")
     if split == "train" and not val_per_class:  # the figures are on test/: train on every image
         return _from_arrays(name, split, images, labels, info, report)
     held_out = holdout_mask(labels, val_per_class)

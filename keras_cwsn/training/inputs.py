@@ -72,7 +72,7 @@ def load_run_data(config, quiet=False):
     """
     eval_split = data_lib.resolve_eval_split(config)
     train = load_training_split(config, eval_split=eval_split)
-    evaluation = data_lib.load_split(config["dataset"], eval_split, data_dir=config["data_dir"], verbose=False,
+    evaluation = data_lib.load_split(data_lib.dataset_spec(config), eval_split, data_dir=config["data_dir"], verbose=False,
                                      val_per_class=train_held_out(config, eval_split), synthetic=config["synthetic"])
     for split in (train, evaluation):
         warn_data_report(split)
@@ -87,7 +87,7 @@ def load_training_split(config, data_dir=None, eval_split=None):
     run's resolved evaluation split (resolved here, in the folder read, when None)."""
     config = dict(config, data_dir=data_dir or config["data_dir"])
     eval_split = eval_split or data_lib.resolve_eval_split(config)
-    return data_lib.load_split(config["dataset"], "train", data_dir=config["data_dir"], verbose=False,
+    return data_lib.load_split(data_lib.dataset_spec(config), "train", data_dir=config["data_dir"], verbose=False,
                                val_per_class=train_held_out(config, eval_split), synthetic=config["synthetic"])
 
 

@@ -314,7 +314,7 @@ def write_outputs(ctx, classifier, clusterer, results):
     export_path = os.path.join(out, "classifier")
     with records.writing("the exported classifier", export_path):
         export_lib.export_classifier(classifier, export_path, ctx.info.fine_names, ctx.info.image_size, data.stats,
-                                     metadata=export_lib.run_metadata(config, results))
+                                     metadata=export_lib.run_metadata(config, results, ctx.info))
 
 
 def _first_images(data, count):
@@ -342,7 +342,8 @@ def finish(ctx, results, timings):
                    xla=use_xla(config, workers.num_replicas(ctx.strategy)), backend=keras.backend.backend(),
                    data={"train": records.data_summary(ctx.data.train),
                          "eval": records.data_summary(ctx.data.evaluation)},
-                   class_names=list(ctx.info.fine_names))
+                   class_names=list(ctx.info.fine_names), coarse_names=list(ctx.info.coarse_names),
+                   fine_to_coarse=list(ctx.info.fine_to_coarse))
     with records.writing("the HParams summary", out):
         records.write_hparams(out, config, results)
     with records.writing("metrics.json", out):

@@ -138,7 +138,7 @@ def data_summary(split):
 
 def hparams(config, eval_split):
     """The hyperparameters a reader compares runs by, flat and TensorBoard-typed (str, float, int, bool)."""
-    from keras_cwsn.config import phase_settings
+    from keras_cwsn.config import phase_settings, run_phases
 
     found = {"dataset": config["dataset"], "arch": config["arch"], "variant": config["variant"],
              "head": config["head"], "criterion": config["criterion"], "seed": config["seed"],
@@ -147,7 +147,7 @@ def hparams(config, eval_split):
              "precision": config["precision"], "weight_decay_mode": config["weight_decay_mode"],
              "init": config["init"], "batchnorm": config["batchnorm"],
              "last_layer_weight_decay": config["last_layer_weight_decay"]}
-    for phase in ("cluster", "classify"):
+    for phase in run_phases(config):  # a `ce` run has no cluster phase (nor, on Birdsnap, its settings)
         settings = phase_settings(config, phase)
         found.update({f"{phase}.epochs": settings["epochs"], f"{phase}.batch_size": settings["batch_size"],
                       f"{phase}.learning_rate": float(settings["learning_rate"]),

@@ -118,7 +118,7 @@ def _fit_group(members, phase, settings, first):
                   for ctx in ctxs]
         crops = np.stack([t[1] for t in tables]) if crop_size else None
         state, logs = trainer.epoch(state, np.stack([t[0] for t in tables]), crops, learning_rate_at(epoch, settings))
-        figures.add(state, logs, epoch, epochs)
+        figures.add(state, logs, epoch, epochs, first=epoch == first)
         write_back(state, models)
         for callbacks, seed_logs in zip(lists, logs):
             callbacks.on_epoch_end(epoch, seed_logs)
@@ -144,7 +144,7 @@ class _Figures:
             self.sample = np.arange(len(data.train)) if samples[0] is None else np.stack(samples)
             self.sample_labels = data.train.labels[self.sample]  # (M,) or (S, M)
 
-    def add(self, state, logs, epoch, epochs):
+    def add(self, state, logs, epoch, epochs, first=False):
         start = time.perf_counter()
         everything = np.arange(len(self.eval_labels))
         if self.phase == "classify":
@@ -154,7 +154,7 @@ class _Figures:
                 seed_logs.update(val_loss=float(np.float32(loss.mean())), val_accuracy=float(np.float32(correct.mean())))
             return
         monitor = self.monitors[0]
-        if not monitor.due(epoch, epochs):
+        if not monitor.due(epoch, epochs, first):  # as under fit: the first epoch of each (resumed) fit too
             return
         clusters = self.trainer.evaluate("clusters", state, self.eval_images, everything)
         sample_clusters = self.trainer.evaluate("clusters", state, self.trainer.images, self.sample)
