@@ -5,7 +5,6 @@ A phase field (under `cluster:` / `classify:`) may be one value or a mapping var
 """
 
 import copy
-import difflib
 import math
 import os
 
@@ -13,7 +12,7 @@ import yaml
 
 from keras_cwsn.constants import CRITERIA, EVAL_SPLITS, HEADS, NORMALIZATIONS, PHASES, PRECISIONS, STRATEGIES
 from keras_cwsn.data.registry import DATASETS, NETWORK_CONFIGS, get_dataset
-from keras_cwsn.errors import UserError
+from keras_cwsn.errors import UserError, did_you_mean
 from keras_cwsn.models import ALL_VARIANTS, ARCHS, BATCHNORMS, CLASSIFIER_VARIANT, INITS, MIN_INPUT_SIDE
 from keras_cwsn.optimizers import WEIGHT_DECAY_MODES
 
@@ -103,8 +102,11 @@ DEFAULTS = {
 
 
 def _unknown(key, known, where):
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = did_you_mean(key, known)
+    hint = f" Did you mean {close!r}?" if close else ""
+    phase_key = did_you_mean(key, PHASE_SCHEMA) if not close and where == "" else None
+    if phase_key:  # a phase setting given at the top: it lives under each phase
+        hint = f" Did you mean 'cluster.{phase_key}' or 'classify.{phase_key}' (a setting of each phase)?"
     return ConfigError(f"Unknown config key '{where}{key}'.{hint} Known keys: {', '.join(sorted(known))}.")
 
 
@@ -194,19 +196,53 @@ def load_config(path=None, dataset=None, overrides=None):
             `arch`, `hierarchy`: a folder dataset is valid only with its table).
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given = path is not None
     if path is None:
         path = default_config_path(dataset, overrides.get("arch"))
         overrides = {"dataset": dataset, **overrides}
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path}")
-    with open(path) as f:
-        try:
-            config = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+    config = _read_file(path)
     if overrides and isinstance(config, dict):
         config.update(overrides)
+    if given and isinstance(config, dict):
+        config = _over_defaults(config, dataset)
     return validate(config)
+
+
+def _read_file(path):
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise ConfigError(f"Config file {path} is not valid YAML/JSON: {where}"
+                              f"{problem or str(e).splitlines()[0]}") from None
+
+
+def _over_defaults(config, dataset=None):
+    """A config file laid over its dataset's default config: a file may set only what it changes.
+
+    Unknown keys are named first (with a suggestion), so a typo is not reported as a missing key.
+    """
+    for key in config:
+        if key not in TOP_SCHEMA:
+            raise _unknown(key, TOP_SCHEMA, "")
+    for phase in ("cluster", "classify"):
+        for key in config.get(phase) or {}:
+            if key not in PHASE_SCHEMA:
+                raise _unknown(key, PHASE_SCHEMA, f"{phase}.")
+    name = config.get("dataset") or dataset or "synthetic"
+    if name not in DATASETS:  # named, with a suggestion, by validate
+        return config
+    base = _read_file(default_config_path(name, config.get("arch")))
+    if name != base.get("dataset"):  # a dataset sharing another's settings file: not its embedded-data settings
+        base.pop("synthetic", None)
+    merged = {**base, **{k: v for k, v in config.items() if k not in ("cluster", "classify")}, "dataset": name}
+    for phase in ("cluster", "classify"):
+        merged[phase] = dict(base.get(phase) or {}, **(config.get(phase) or {}))
+    return merged
 
 
 def set_value(config, dotted_key, value):
@@ -216,7 +252,9 @@ def set_value(config, dotted_key, value):
     node = config
     for p in parents:
         if not isinstance(node.get(p), dict):
-            raise ConfigError(f"Cannot set {dotted_key!r}: {p!r} is not a section of the config.")
+            close = did_you_mean(p, [k for k, v in node.items() if isinstance(v, dict)])
+            hint = f" Did you mean {close!r}?" if close else ""
+            raise ConfigError(f"Cannot set {dotted_key!r}: {p!r} is not a section of the config.{hint}")
         node = node[p]
     node[last] = value
     return validate(config)

@@ -277,12 +277,8 @@ def run_metadata(config, results, info=None):
     return metadata
 
 
-def export_run(run_dir, path=None):
-    """Export a finished run's `classifier.keras` as the SavedModel `run_dir/classifier` (or `path`).
-
-    For runs trained where TensorFlow was missing (the JAX backend): the same folder `train.py`
-    writes on TensorFlow, built from the run's own `preprocessing.json` and `metrics.json`.
-    """
+def read_run(run_dir):
+    """(classifier, stats, figures, config, DatasetInfo) of a finished run folder; a UserError names what is missing."""
     from keras_cwsn.data import dataset_info, dataset_spec
     from keras_cwsn.errors import UserError
 
@@ -297,29 +293,60 @@ def export_run(run_dir, path=None):
     config = results["config"]
     info = dataset_info(dataset_spec(config))
     classifier = keras.saving.load_model(os.path.join(run_dir, "classifier.keras"), compile=False)
+    return classifier, stats, results, config, info
+
+
+def export_run(run_dir, path=None, fmt="savedmodel"):
+    """Export a finished run's `classifier.keras` as the SavedModel `run_dir/classifier` (or `path`), or as
+    a LiteRT, ONNX or OpenVINO file (`keras_cwsn.export_formats`).
+
+    The SavedModel is for runs trained where TensorFlow was missing (the JAX backend): the same folder
+    `train.py` writes on TensorFlow, built from the run's own `preprocessing.json` and `metrics.json`.
+    """
+    from keras_cwsn import export_formats
+
+    if fmt != "savedmodel":
+        export_formats.missing_packages(fmt)  # an unknown format before the run is read
+    classifier, stats, results, config, info = read_run(run_dir)
     figures = {k: v for k, v in results.items()
                if k not in ("config", "versions", "data", "class_names", "coarse_names", "fine_to_coarse")}
+    metadata = run_metadata(config, figures, info)
+    if fmt != "savedmodel":
+        return export_formats.export_format(classifier, path or export_formats.default_path(run_dir, fmt), fmt,
+                                            results["class_names"], info.image_size, stats, metadata=metadata)
     return export_classifier(classifier, path or os.path.join(run_dir, "classifier"), results["class_names"],
-                             info.image_size, stats, metadata=run_metadata(config, figures, info))
+                             info.image_size, stats, metadata=metadata)
 
 
 def main(argv=None):
-    """`python -m keras_cwsn.export RUN [--output DIR]`: exit 0, or 2 with one line on a bad run folder."""
+    """`python -m keras_cwsn.export RUN [--format F] [--output PATH]`: exit 0, or 2 with one line on a bad run folder,
+    an unknown format or a converter that is not installed."""
     import argparse
     import sys
 
     from keras_cwsn.errors import UserError, print_error
+    from keras_cwsn.export_formats import FORMATS
 
-    parser = argparse.ArgumentParser(prog="python -m keras_cwsn.export",
-                                     description="Write a finished run's classifier.keras as a servable SavedModel.")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit status 2, as every command line here
+            raise UserError(f"{message} (see --help)")
+
+    parser = Parser(prog="python -m keras_cwsn.export",
+                    description="Write a finished run's classifier.keras as a servable SavedModel, "
+                                "or as a LiteRT, ONNX or OpenVINO file (docs/serving.md).")
     parser.add_argument("run", help="the run folder (holds classifier.keras, preprocessing.json, metrics.json)")
-    parser.add_argument("--output", default=None, help="SavedModel folder (default: RUN/classifier)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--format", default="savedmodel", choices=("savedmodel", *FORMATS),
+                        help="savedmodel (default), litert (.tflite), onnx (needs tf2onnx) or openvino")
+    parser.add_argument("--output", default=None,
+                        help="default: RUN/classifier (SavedModel folder), RUN/classifier.tflite|.onnx|.xml")
     try:
-        path = export_run(args.run, args.output)
+        args = parser.parse_args(argv)
+        path = export_run(args.run, args.output, args.format)
     except (UserError, OSError, ValueError) as e:
         print_error(e, parser.prog)
         return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
     print(f"{parser.prog}: wrote {path}", file=sys.stderr)
     return 0
 

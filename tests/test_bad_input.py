@@ -206,6 +206,11 @@ def test_wrong_type_in_set_exits_2_with_one_line(tmp_path):
     (["--set", "cluster.epochs=[1"], "is not valid YAML"),
     (["--set", "clustr.epochs=2"], "'clustr' is not a section"),
     (["--set", "margn=2"], "Unknown config key 'margn'. Did you mean 'margin'?"),
+    (["--set", "cluster.lr=abc"], "Unknown config key 'cluster.lr'. Did you mean 'learning_rate'?"),
+    (["--set", "classify.wd=0"], "Did you mean 'weight_decay'?"),
+    (["--set", "cluster.mom=0.5"], "Did you mean 'momentum'?"),
+    (["--set", "batch_sise=3"], "Did you mean 'cluster.batch_size' or 'classify.batch_size'"),
+    (["--set", "clustr.epochs=2"], "Did you mean 'cluster'?"),
     (["--set", "nothing"], "--set expects KEY=VALUE"),
     (["--strategy", "ring"], "argument --strategy: invalid choice: 'ring'"),
     (["--variant", "E"], "'variant' must be one of"),
@@ -230,3 +235,48 @@ def test_misspelt_key_in_a_yaml_config(tmp_path, capsys):
     assert "is not valid YAML" in _error_line(capsys)
     assert train.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "Config file not found" in _error_line(capsys)
+
+
+def test_a_partial_config_file_is_laid_over_the_defaults(tmp_path, capsys):
+    """A file may set only what it changes; a typo in it is named as an unknown key, not as a missing 'arch'."""
+    config = tmp_path / "mine.yaml"
+    config.write_text("variannt: B\n")
+    assert train.main(["--config", str(config), "--output-dir", str(tmp_path / "o")]) == 2
+    line = _error_line(capsys)
+    assert "Unknown config key 'variannt'. Did you mean 'variant'?" in line and "missing" not in line, line
+    config.write_text("variant: B\ncluster:\n  epochs: 7\n")
+    resolved = train.resolve_config(train.parse_args(["--config", str(config)]))
+    assert resolved["variant"] == "B" and resolved["cluster"]["epochs"] == 7 and resolved["arch"] == "lenet"
+    from keras_cwsn.config import load_config
+
+    defaults = load_config(dataset="synthetic")
+    assert resolved["dataset"] == "synthetic" and resolved["synthetic"] == defaults["synthetic"]  # the rest: defaults
+    assert resolved["cluster"]["batch_size"] == defaults["cluster"]["batch_size"]
+    assert resolved["classify"] == defaults["classify"]
+
+
+def test_broken_yaml_names_its_line(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("variant: B\ncluster:\n  epochs: 7\n  batch_size: [32\n")
+    assert train.main(["--config", str(config), "--output-dir", str(tmp_path / "o")]) == 2
+    line = _error_line(capsys)
+    assert "is not valid YAML/JSON: line 5, column 1:" in line, line
+
+
+def test_a_class_too_small_to_hold_out_is_named_with_the_flag_that_fixes_it(tmp_path, capsys):
+    data = _cifar_folder(tmp_path / "data", per_class=3)
+    args = _cifar_args(data, tmp_path / "o")
+    args[args.index("val_per_class=1")] = "val_per_class=5"
+    assert train.main(args) == 2
+    line = _error_line(capsys)
+    assert "Cannot hold out 5 images of class 'airplane' for the val split: it has only 3." in line, line
+    assert "--set val_per_class=N (N < 3)" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_skipped_files_are_warned_about_once(tmp_path, capsys):
+    data = _cifar_folder(tmp_path / "data", per_class=4)
+    (data / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    assert train.main(_cifar_args(data, tmp_path / "o")) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped 1 undecodable") == 1, err  # train and its held-out val share one folder

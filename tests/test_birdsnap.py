@@ -167,10 +167,9 @@ def test_second_prepare_is_a_no_op(prepared, tmp_path, capsys):
     records = sorted(glob.glob(os.path.join(data_dir, "cwsn_birdsnap", "birdsnap34", "*", "*tfrecord*")))
     assert records
     mtimes = [os.stat(p).st_mtime_ns for p in records]
-    # Without the download: a prepared config must not need it.
-    builder = birdsnap.prepare_birdsnap(
-        "birdsnap34", data_dir=data_dir, manual_dir=str(tmp_path / "nowhere")
-    )
+    # Without naming the download, or naming the one it came from: reused, the download not read again.
+    birdsnap.prepare_birdsnap("birdsnap34", data_dir=data_dir, manual_dir=manual_dir)
+    builder = birdsnap.prepare_birdsnap("birdsnap34", data_dir=data_dir)
     builder.download_and_prepare()  # TFDS's own reuse path.
     assert [os.stat(p).st_mtime_ns for p in records] == mtimes
     assert sorted(glob.glob(os.path.join(data_dir, "cwsn_birdsnap", "birdsnap34", "*", "*tfrecord*"))) == records
@@ -275,3 +274,51 @@ def test_train_pipeline_over_a_fake_download(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "fresh_cache"))  # nothing prepared there
     with pytest.raises(data.DatasetUnavailableError, match="Birdsnap download not found"):
         data.load_split("birdsnap34", "train", data_dir=str(tmp_path))
+
+
+def _one_species_less(root):
+    """A second fake download: the first one without Brant's images (another file list, other split sizes)."""
+    make_fake_birdsnap(root)
+    for name in os.listdir(os.path.join(root, "images", "Brant")):
+        os.remove(os.path.join(root, "images", "Brant", name))
+    return root
+
+
+def test_prepared_data_follows_the_download_data_dir_names(tmp_path, monkeypatch, capsys):
+    """Issue 38: a dataset prepared from one download is never silently read for another --data-dir."""
+    from keras_cwsn import data
+    from keras_cwsn.config import load_config
+    from keras_cwsn.training import log
+    from keras_cwsn.training.inputs import load_run_data
+
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    os.makedirs(first)
+    os.makedirs(second)
+    make_fake_birdsnap(first)
+    _one_species_less(second)
+    assert len(data.load_split("birdsnap34", "train", data_dir=first)) == 15
+    prepared = tmp_path / "cache" / "tfds" / "cwsn_birdsnap" / "birdsnap34"  # under KERAS_CWSN_CACHE, not ~/.cache
+    assert prepared.is_dir()
+    report = birdsnap.read_preparation_report("birdsnap34", data_dir=str(tmp_path / "cache" / "tfds"))
+    assert report["manual_dir"] == first and len(report["source_fingerprint"]) == 20
+
+    train = data.load_split("birdsnap34", "train", data_dir=second)  # another download: prepared again from it
+    assert len(train) == 10 and 11 not in train.labels.tolist()
+    assert f"preparing it again from {second}" in capsys.readouterr().out
+    assert train.report["source"].startswith(f"the Birdsnap download {second} ")
+
+    (tmp_path / "empty").mkdir()  # not a download at all: refused, in one short line naming the flag
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.load_split("birdsnap34", "train", data_dir=str(tmp_path / "empty"))
+    message = str(err.value)
+    assert "--data-dir" in message and "manual_dir=" not in message, message
+    assert len(message.replace(str(tmp_path), "T")) < 400, message  # short, but for the paths
+    assert f"came from {second}" in message
+
+    config = load_config(dataset="birdsnap34")
+    config["data_dir"] = second
+    run_data = load_run_data(config, quiet=True)
+    line = log.data_line(config, run_data)
+    assert line.startswith(f"birdsnap34 from the Birdsnap download {second} (prepared in ")
+    assert "train 10, test 3 images; 34 classes in 18 groups; skipped 8 file(s)" in line, line  # 7 + 1 listed, missing or corrupt

@@ -307,3 +307,15 @@ def test_export_checks_its_arguments(run, tmp_path):
     with pytest.raises(ValueError, match="top_k must be"):
         export_lib.export_classifier(class_names=run["class_names"], top_k=0, **args)
     assert not os.path.exists(path)
+
+
+def test_float_tensors_are_refused_naming_uint8_and_the_documented_conversion_serves(run):
+    """docs/serving.md: serving_default takes uint8; float images in [0, 1] are converted by the client
+    (`tf.cast(tf.round(x * 255), tf.uint8)`), and then give what the uint8 images give."""
+    serve = tf.saved_model.load(run["model_dir"]).signatures["serving_default"]
+    images = run["eval_images"][:4]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="uint8"):
+        serve(images=tf.constant(images, tf.float32) / 255.0)
+    floats = tf.constant(images, tf.float32) / 255.0
+    converted = serve(images=tf.cast(tf.round(floats * 255.0), tf.uint8))["probabilities"].numpy()
+    np.testing.assert_allclose(converted, _keras_probabilities(run, images), atol=1e-5)

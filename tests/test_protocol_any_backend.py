@@ -319,14 +319,61 @@ def test_pairwise_losses_match_a_float64_reference_on_this_backend(criterion):
     np.testing.assert_allclose(grad, expected, atol=2e-4)
 
 
-def test_a_redirected_log_has_one_line_per_epoch(tmp_path, capfd):
-    """stdout that is not a terminal (nohup, CI, a file) gets Keras's verbose=2: no progress-bar redraws."""
+def test_a_redirected_log_says_what_runs_and_numbers_every_epoch(tmp_path, capfd):
+    """stdout that is not a terminal (nohup, CI, a file): the run's header, a line per phase, `[phase k/n]` epoch
+    lines whose evaluation keys name the split they are on, and no progress-bar redraws."""
     args = [a for a in TINY if a != "--quiet"]
-    assert train.main(["--variant", "A", "--epochs", "1", *args, "--output-dir", str(tmp_path / "run")]) == 0
+    out_dir = str(tmp_path / "run")
+    assert train.main(["--variant", "A", "--cluster-epochs", "2", "--classify-epochs", "1", *args,
+                       "--output-dir", out_dir]) == 0
     out = capfd.readouterr().out
     assert "\r" not in out and "\x1b[" not in out
-    epoch_lines = [line for line in out.splitlines() if " - " in line and "epoch_seconds" in line]
-    assert len(epoch_lines) == 2, out  # one per epoch: the clustering epoch and the classification epoch
+    lines = [line for line in out.splitlines() if not line.startswith("[data]")]
+    assert lines[0] == ("[run] data: synthetic from embedded synthetic data: train 96, test 48 images; "
+                        "9 classes in 3 groups; skipped 0 file(s)")
+    assert lines[1].startswith("[run] network lenet, variant A (clustering warm start, criterion kcl")
+    assert lines[2] == ("[run] schedule: cluster 2 epochs, batch 16, lr 0.01; classify 1 epochs, batch 16, "
+                        "lr 0.01")
+    assert lines[3].startswith("[run] figures on the test split (48 images)")
+    assert lines[4] == f"[run] output: {out_dir}"
+    assert lines[5].startswith("[cluster] phase 1 of 2: clustering pretraining")
+    epochs = [line for line in lines if line.startswith(("[cluster ", "[classify "))]
+    assert [line.split("]")[0] + "]" for line in epochs] == ["[cluster 1/2]", "[cluster 2/2]", "[classify 1/1]"], out
+    assert "test_cluster_accuracy" in epochs[0] and "test_accuracy" in epochs[2], epochs
+    assert not any("val_" in line for line in epochs), epochs
+    assert lines.index("[classify] phase 2 of 2: classification, warm-started from the clusterer; 1 epochs, "
+                       "batch 16, lr 0.01") == lines.index(epochs[2]) - 1
+    assert _figures(out_dir)["data_read"] == lines[0][len("[run] data: "):]
+
+
+def test_a_terminal_keeps_keras_progress_bars(tmp_path, capfd, monkeypatch):
+    from keras_cwsn.training import log
+
+    monkeypatch.setattr(log, "progress_bars", lambda: True)
+    args = [a for a in TINY if a != "--quiet"]
+    assert train.main(["--variant", "ce", "--epochs", "1", *args, "--output-dir", str(tmp_path / "run")]) == 0
+    out = capfd.readouterr().out
+    assert "[classify] phase 1 of 1: classification from scratch" in out
+    assert "[classify 1/1]" not in out and "6/6" in out, out  # Keras's bar: 96 images in batches of 16
+
+
+def test_a_failed_start_leaves_no_run_behind(tmp_path, capsys):
+    """Data that fails to load: no folder (or nothing added to one that was there) for TensorBoard to list;
+    the files of an unfinished run being resumed are kept."""
+    make_cifar_tree(str(tmp_path / "data"), per_class=1, classes=CIFAR10_CLASSES[:2] + ("unicorn",))
+    bad = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--quiet", "--output-dir"]
+    assert train.main(bad + [str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    assert train.main(bad + [str(tmp_path / "mine")]) == 2
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "config.json").write_text("{}")
+    assert train.main(bad + [str(resumed)]) == 2
+    assert os.listdir(resumed) == ["config.json"]
+    assert capsys.readouterr().err.count("unicorn") == 3
 
 
 def test_last_layer_weight_decay_false_spares_fc3_alone_in_both_phases(tmp_path, monkeypatch):

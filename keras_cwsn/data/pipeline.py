@@ -160,19 +160,24 @@ def _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose
     images, labels, report = read("train")
     if split == "train" and not val_per_class:  # the figures are on test/: train on every image
         return _from_arrays(name, split, images, labels, info, report)
-    held_out = holdout_mask(labels, val_per_class)
+    held_out = holdout_mask(labels, val_per_class, info.fine_names)
     keep = held_out if split == "val" else ~held_out
     report = dict(report, held_out_per_class=val_per_class)
     return _from_arrays(name, split, images[keep], labels[keep], info, report)
 
 
-def holdout_mask(labels, per_class):
+def holdout_mask(labels, per_class, class_names=None):
     """Boolean mask of the last `per_class` examples of each class (in file-name order)."""
     mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
+    classes, counts = np.unique(labels, return_counts=True)
+    for c, count in zip(classes, counts):
+        if per_class >= count:
+            name = repr(class_names[c]) if class_names is not None else str(c)
+            raise DatasetUnavailableError(
+                f"Cannot hold out {per_class} images of class {name} for the val split: it has only {count}. "
+                f"Hold out fewer with --set val_per_class=N (N < {counts.min()}), or add a test/ folder "
+                f"(the figures are then on test and nothing is held out).")
         idx = np.flatnonzero(labels == c)
-        if per_class >= len(idx):
-            raise ValueError(f"Cannot hold out {per_class} images of class {c}: it has only {len(idx)}.")
         mask[idx[len(idx) - per_class:]] = True
     return mask
 
@@ -192,7 +197,7 @@ def _tfds_cifar_split(name, split, info, val_per_class):
     images, labels = (np.asarray(a) for a in tfds.as_numpy(data))
     labels = labels.astype(np.int64)
     if split != "test" and (split == "val" or val_per_class):
-        held_out = holdout_mask(labels, val_per_class)
+        held_out = holdout_mask(labels, val_per_class, info.fine_names)
         keep = held_out if split == "val" else ~held_out
         images, labels = images[keep], labels[keep]
     return _from_arrays(name, split, images, labels, info)
@@ -207,16 +212,27 @@ def _birdsnap_split(name, split, data_dir, info):
     config = "birdsnap34" if name == "birdsnap34" else "birdsnap500"
     if split == "val":
         raise ValueError("Birdsnap has no held-out val split: use its official test split (eval_split: test).")
-    kwargs = {"data_dir": os.path.join(folder.default_cache_dir(), "tfds")}
-    if data_dir:
-        kwargs["manual_dir"] = data_dir
+    tfds_dir = os.path.join(folder.default_cache_dir(), "tfds")
     try:
-        raw, loaded_info = birdsnap.load_birdsnap(config, split, **kwargs)
+        raw, loaded_info = birdsnap.load_birdsnap(config, split, data_dir=tfds_dir, manual_dir=data_dir or None,
+                                                  option="--data-dir")
     except birdsnap.BirdsnapNotFoundError as e:
         raise DatasetUnavailableError(str(e)) from None
     dataset = raw.map(lambda image, fine, coarse: (image, fine), num_parallel_calls=tf.data.AUTOTUNE)
-    labels = birdsnap.load_birdsnap_labels(config, split, **kwargs)  # same order, images not decoded
-    return Split(name, split, dataset, labels, dataclasses.replace(loaded_info, name=name))
+    labels = birdsnap.load_birdsnap_labels(config, split, data_dir=tfds_dir)  # same order, images not decoded
+    return Split(name, split, dataset, labels, dataclasses.replace(loaded_info, name=name),
+                 report=_birdsnap_report(birdsnap.read_preparation_report(config, tfds_dir), split, tfds_dir))
+
+
+def _birdsnap_report(prepared, split, tfds_dir):
+    """What a Birdsnap split read, from its preparation report: the download, the prepared copy, skipped files."""
+    counts = (prepared or {}).get("splits", {}).get(split, {})
+    written, missing, corrupt = (int(counts.get(k, 0)) for k in ("examples_written", "skipped_missing",
+                                                                  "skipped_corrupt"))
+    download = (prepared or {}).get("manual_dir", "an unknown download")
+    return {"source": f"the Birdsnap download {download} (prepared in {tfds_dir})", "split": split,
+            "folder": os.path.join(download, "images"), "listed": written + missing + corrupt, "decoded": written,
+            "skipped_missing": missing, "skipped_corrupt": corrupt}
 
 
 def preprocessing_stats(train, cache_dir=None, verbose=True):

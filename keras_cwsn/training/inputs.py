@@ -74,8 +74,7 @@ def load_run_data(config, quiet=False):
     train = load_training_split(config, eval_split=eval_split)
     evaluation = data_lib.load_split(data_lib.dataset_spec(config), eval_split, data_dir=config["data_dir"], verbose=False,
                                      val_per_class=train_held_out(config, eval_split), synthetic=config["synthetic"])
-    for split in (train, evaluation):
-        warn_data_report(split)
+    warn_data_report((train, evaluation))
     stats = data_lib.preprocessing_stats(train, verbose=not quiet)
     return RunData(train, evaluation, stats, eval_split, preprocess_split(train, stats),
                    preprocess_split(evaluation, stats))

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 
 import keras
@@ -22,7 +21,7 @@ from keras_cwsn.errors import RunError
 from keras_cwsn.metrics import ClusteringMetrics, clustering_report, hungarian_mapping, predict_clusters
 from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, LAST_LAYER, build_model, variant_levels
 from keras_cwsn.optional import tensorflow_available
-from keras_cwsn.training import records
+from keras_cwsn.training import log, records
 from keras_cwsn.training import resume as resume_policy
 from keras_cwsn.training import workers
 from keras_cwsn.training.callbacks import EpochLearningRate, EpochTimer, ResumableWarmStart, StopOnNonFinite
@@ -41,6 +40,7 @@ class Run:
     strategy: object  # a tf.distribute.Strategy, or None without TensorFlow
     quiet: bool
     data: object = None
+    fresh: tuple = None  # (folder existed, its entries) before a fresh start; None when resuming
     results: dict = None  # the figures so far (metrics.json once finished)
     timings: dict = None
     started: float = None
@@ -69,21 +69,28 @@ def run(config, output_dir, overwrite=False, quiet=False, resume=True):
     """
     started = time.time()
     ctx = _start(config, output_dir, overwrite, quiet, resume)
-    begin(ctx, load_run_data(config, quiet), started)
-    clusterer = mapping = None
-    if config["variant"] != CLASSIFIER_VARIANT:  # phase 1: cluster pretraining, then the Hungarian mapping
-        clusterer, mapping = cluster_phase(ctx)
-    t0 = time.time()  # phase 2: classification, warm-started from the clusterer (from scratch for `ce`)
-    classifier, warm = classify_phase(ctx, clusterer, mapping)
-    return conclude(ctx, classifier, clusterer, warm, t0)
+    with resume_policy.undone_if_nothing_trained(ctx.output_dir, ctx.fresh):  # no stub runs in TensorBoard
+        begin(ctx, load_run_data(config, quiet), started)
+        clusterer = mapping = None
+        if config["variant"] != CLASSIFIER_VARIANT:  # phase 1: cluster pretraining, then the Hungarian mapping
+            clusterer, mapping = cluster_phase(ctx)
+        t0 = time.time()  # phase 2: classification, warm-started from the clusterer (from scratch for `ce`)
+        classifier, warm = classify_phase(ctx, clusterer, mapping)
+        return conclude(ctx, classifier, clusterer, warm, t0)
 
 
 def begin(ctx, data, started):
-    """Hand the run its data and open its figures (what every run reports before training)."""
+    """Hand the run its data, log its header, write config.json and open its figures (all before training)."""
+    config = ctx.config
     ctx.data, ctx.started = data, started
     ctx.timings = {"data_s": round(time.time() - started, 2)}
-    ctx.results = {"dataset": ctx.config["dataset"], "variant": ctx.config["variant"], "seed": ctx.config["seed"],
-                   "num_train": len(data.train), "num_eval": len(data.evaluation), "eval_split": data.eval_split}
+    for line in log.header(config, data, ctx.output_dir):
+        ctx.say(line)
+    with records.writing("the run's config", ctx.output_dir):  # once the data is read: a run in TensorBoard from now
+        records.write_config(ctx.output_dir, config)
+    ctx.results = {"dataset": config["dataset"], "variant": config["variant"], "seed": config["seed"],
+                   "num_train": len(data.train), "num_eval": len(data.evaluation), "eval_split": data.eval_split,
+                   "data_read": log.data_line(config, data)}
 
 
 def conclude(ctx, classifier, clusterer, warm, classify_started):
@@ -107,16 +114,16 @@ def _start(config, output_dir, overwrite, quiet, resume_ok):
         from keras_cwsn import distribute
 
         output_dir = distribute.worker_output_dir(output_dir)
+    existed = os.path.isdir(output_dir)
     resuming = resume_policy.check_output_dir(output_dir, overwrite, resume_ok)
+    fresh = None if resuming else (existed, set(os.listdir(output_dir)))
     changes = resume_policy.check_resume_config(output_dir, config) if resuming else {}
     if changes:
         print("[resume] settings changed since the run started: " +
               "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), flush=True)
     seed_everything(config["seed"])
     keras.mixed_precision.set_global_policy(config["precision"])
-    with records.writing("the run's config", output_dir):
-        records.write_config(output_dir, config)
-    return Run(config, output_dir, strategy, quiet)
+    return Run(config, output_dir, strategy, quiet, fresh=fresh)
 
 
 def _make_strategy(name):
@@ -243,23 +250,22 @@ def _resume_epoch(ctx, phase):
 
 def fit_phase(ctx, phase, model, settings, levels, extra=(), validation_data=None):
     """Fit one phase from its last checkpoint (or epoch 0) to its last epoch, with the protocol's callbacks."""
-    first, callbacks = phase_callbacks(ctx, phase, model, settings, extra)
+    bars = not ctx.quiet and log.progress_bars()
+    lines = [] if ctx.quiet or bars else [log.EpochLine(phase, settings["epochs"], ctx.data.eval_split)]
+    first, callbacks = phase_callbacks(ctx, phase, model, settings, extra, lines)
     if callbacks is None:
         return
-    data = ctx.data
+    data, epochs = ctx.data, settings["epochs"]
     batches, steps = training_data(data.train, data.stats, settings["batch_size"], levels, ctx.config, phase, first,
-                                   settings["epochs"], preprocessed=data.train_x)
-    model.fit(batches, epochs=settings["epochs"], initial_epoch=first, steps_per_epoch=steps,
-              validation_data=validation_data,
+                                   epochs, preprocessed=data.train_x)
+    model.fit(batches, epochs=epochs, initial_epoch=first, steps_per_epoch=steps, validation_data=validation_data,
               validation_batch_size=PREDICT_BATCH if isinstance(validation_data, tuple) else None,
-              shuffle=False, verbose=_verbosity(ctx.quiet), callbacks=callbacks)  # each epoch is ordered already
+              shuffle=False, verbose="auto" if bars else 0, callbacks=callbacks)  # each epoch is ordered already
 
 
-def phase_callbacks(ctx, phase, model, settings, extra=()):
-    """Where a phase resumes, and the protocol's callbacks for its epochs (None when none is left to run).
-
-    A phase whose every epoch ran before an interruption gets its last checkpoint restored instead.
-    """
+def phase_callbacks(ctx, phase, model, settings, extra=(), lines=()):
+    """Where a phase resumes, and the protocol's callbacks (`lines`: a redirected log's epoch lines) for its
+    epochs; None when every epoch ran before an interruption, and its last checkpoint is restored instead."""
     backup_dir = os.path.join(ctx.output_dir, "backup", phase)
     history = os.path.join(ctx.output_dir, f"{phase}_history.csv")
     first, epochs = _resume_epoch(ctx, phase), settings["epochs"]
@@ -271,7 +277,8 @@ def phase_callbacks(ctx, phase, model, settings, extra=()):
     if first >= epochs:  # every epoch ran before the interruption: only the weights are needed
         checkpoint.restore(model, first)
         return first, None
-    return first, [StopOnNonFinite(phase, backup_dir), *extra, EpochLearningRate(settings), EpochTimer(),
+    ctx.say(log.phase_line(phase, settings, ctx.config["variant"], first))
+    return first, [StopOnNonFinite(phase, backup_dir), *extra, EpochLearningRate(settings), EpochTimer(), *lines,
                    keras.callbacks.CSVLogger(history, append=True), *_tensorboard(ctx, phase), checkpoint]
 
 
@@ -280,13 +287,6 @@ def _tensorboard(ctx, phase):
         return []
     return [keras.callbacks.TensorBoard(log_dir=os.path.join(ctx.output_dir, "logs", phase), write_graph=False,
                                         update_freq="epoch")]
-
-
-def _verbosity(quiet):
-    """Progress bars on a terminal; one line per epoch in a file or pipe (nohup, CI); nothing when quiet."""
-    if quiet:
-        return 0
-    return "auto" if sys.stdout.isatty() else 2
 
 
 def write_outputs(ctx, classifier, clusterer, results):

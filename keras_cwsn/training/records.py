@@ -41,13 +41,19 @@ def save_keras_atomic(model, path):
 def write_config(output_dir, config):
     """config.json, and the config as text in TensorBoard (when TensorFlow is there)."""
     write_json_atomic(os.path.join(output_dir, "config.json"), config)
+    write_text_summary(os.path.join(output_dir, "logs", "config"), "config",
+                       "```\n" + json.dumps(config, indent=2) + "\n```")
+
+
+def write_text_summary(folder, tag, text):
+    """One text summary in an event file of `folder` (a TensorBoard run); skipped without TensorFlow."""
     if not tensorflow_available():  # TensorBoard's writer needs it
         return
     import tensorflow as tf
 
-    writer = tf.summary.create_file_writer(os.path.join(output_dir, "logs", "config"))
+    writer = tf.summary.create_file_writer(folder)
     with writer.as_default():
-        tf.summary.text("config", "```\n" + json.dumps(config, indent=2) + "\n```", step=0)
+        tf.summary.text(tag, text, step=0)
     writer.close()
 
 
@@ -117,10 +123,24 @@ def write_projector(output_dir, model, images, labels, info):
     with open(os.path.join(folder, "projector_config.pbtxt"), "w") as f:
         f.write('embeddings {\n  tensor_name: "fc2_embedding"\n  tensor_path: "tensors.tsv"\n'
                 '  metadata_path: "metadata.tsv"\n}\n')
+    # TensorBoard's Projector reads projector_config.pbtxt only in a run's folder, and a folder is a
+    # run only where it holds an event file: without this one `--logdir runs` shows no Projector.
+    write_text_summary(folder, "projector", f"fc2 embeddings of {len(labels)} evaluation images ({model.name}), "
+                                            "labelled with their fine and coarse classes.")
 
 
-def warn_data_report(split):
-    """One line on stderr for files skipped and class folders found empty (also when the decode was cached)."""
+def warn_data_report(splits):
+    """One line on stderr per folder with files skipped or class folders found empty (also when the decode was
+    cached): train and the val held out of it share their folder's report, and it is said once."""
+    seen = set()
+    for split in splits:
+        key = (split.report or {}).get("folder")
+        if key is None or key not in seen:
+            _warn_split_report(split)
+        seen.add(key)
+
+
+def _warn_split_report(split):
     report = split.report or {}
     skipped = report.get("skipped_undecodable") or []
     empty = report.get("empty_class_folders") or []
@@ -132,7 +152,8 @@ def warn_data_report(split):
 
 def data_summary(split):
     report = split.report or {}
-    keys = ("folder", "listed", "decoded", "skipped_undecodable", "empty_class_folders", "non_image_files")
+    keys = ("source", "folder", "listed", "decoded", "skipped_undecodable", "skipped_missing", "skipped_corrupt",
+            "empty_class_folders", "non_image_files")
     return {k: report[k] for k in keys if k in report}
 
 

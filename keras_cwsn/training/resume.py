@@ -7,6 +7,7 @@ clustering phase done, `metrics.json` the whole run); `Checkpoint` writes every 
 every epoch's order is seeded by (seed, phase, epoch) (`seeds.epoch_order`).
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -71,6 +72,30 @@ def check_output_dir(output_dir, overwrite=False, resume=True):
     except OSError as e:
         raise RunError(f"Cannot create --output-dir {output_dir}: {one_line(e)}") from None
     return started
+
+
+@contextlib.contextmanager
+def undone_if_nothing_trained(output_dir, fresh):
+    """On a failure before any epoch is saved, remove what a fresh start put in `output_dir`.
+
+    A run whose data or model fails to load would otherwise leave a stub (config.json, logs/) that
+    TensorBoard lists as a run. `fresh` is `(folder existed, its entries)` from before the start, or
+    None for a resumed run, whose files are never touched.
+    """
+    try:
+        yield
+    except BaseException:
+        if fresh is not None and os.path.isdir(output_dir) and not has_progress(output_dir):
+            existed, before = fresh
+            for name in set(os.listdir(output_dir)) - before:
+                path = os.path.join(output_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+            if not existed and not os.listdir(output_dir):
+                os.rmdir(output_dir)
+        raise
 
 
 def has_progress(output_dir):

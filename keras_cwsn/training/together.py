@@ -16,6 +16,7 @@ so figures agree to a tolerance (tests/test_together.py states it); `epoch_secon
 seeds trained together (`seeds_together`).
 """
 
+import contextlib
 import os
 import time
 
@@ -27,6 +28,7 @@ from keras_cwsn.data.crops import crop_padding
 from keras_cwsn.metrics import epoch_figures
 from keras_cwsn.models import CLASSIFIER_VARIANT, variant_levels
 from keras_cwsn.training import protocol
+from keras_cwsn.training import resume as resume_policy
 from keras_cwsn.training.inputs import epoch_batches, labels_by_output, load_run_data, steps_per_epoch
 
 
@@ -48,6 +50,14 @@ def run_together(config, seeds, output_dir, overwrite=False, quiet=False, resume
     """Run the protocol for `seeds` (each in `output_dir/seed_<n>`), training them together; returns {seed: figures}."""
     started = time.time()
     ctxs = [protocol._start(dict(config, seed=s), seed_dir(output_dir, s), overwrite, quiet, resume) for s in seeds]
+    with contextlib.ExitStack() as undo:  # a failure before any saved epoch leaves no stub runs behind
+        for ctx in ctxs:
+            undo.enter_context(resume_policy.undone_if_nothing_trained(ctx.output_dir, ctx.fresh))
+        return _protocol_together(ctxs, config, seeds, output_dir, quiet, resume, started)
+
+
+def _protocol_together(ctxs, config, seeds, output_dir, quiet, resume, started):
+    """`run_together` once every seed's folder is ready: data, the phases, each seed's outputs."""
     data = load_run_data(config, quiet)
     if data.train_x is None:  # a streamed source (Birdsnap): its tf.data epochs stay with fit
         print("[seeds] the training images are streamed, not in memory: the seeds run one after another", flush=True)

@@ -63,7 +63,7 @@ def _download(args):
 def _prepare(args):
     from keras_cwsn.data.birdsnap.builder import prepare_birdsnap  # TensorFlow only for this command.
 
-    prepare_birdsnap(args.config, data_dir=args.data_dir, manual_dir=args.manual_dir)
+    prepare_birdsnap(args.config, data_dir=args.data_dir, manual_dir=args.manual_dir, option="--manual-dir")
     return 0
 
 

@@ -6,6 +6,7 @@ The only Birdsnap module that imports TensorFlow (Datasets); the package imports
 import inspect
 import io
 import os
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -22,7 +23,10 @@ from keras_cwsn.data.birdsnap.hierarchy import (
     birdsnap_hierarchy,
     check_config_name,
     check_download,
+    download_fingerprint,
+    is_download,
     resolve_data_dir,
+    resolve_manual_dir,
     species_of,
     split_paths,
 )
@@ -113,6 +117,7 @@ class Birdsnap(tfds.core.GeneratorBasedBuilder):
             "dataset": f"{self.name}/{self.builder_config.name}",
             "version": str(self.version),
             "manual_dir": manual_dir,
+            "source_fingerprint": download_fingerprint(manual_dir),
             "splits": {},
             **extra,
         }
@@ -199,26 +204,55 @@ def birdsnap_builder(config_name="birdsnap34", data_dir=None):
     return Birdsnap(config=config_name, data_dir=resolve_data_dir(data_dir))
 
 
-def prepare_birdsnap(config_name="birdsnap34", data_dir=None, manual_dir=None):
+def _prepared_from(builder, manual_dir, config_name, option):
+    """Whether a prepared config came from the download `manual_dir` names; refuses a folder that is no download.
+
+    The same folder (even emptied or moved since) or a download with the same file list is the same
+    source; another download is not (the caller prepares it again).
+    """
+    report = read_json(os.path.join(builder.data_dir, REPORT_FILE_NAME), default={})
+    path, _ = resolve_manual_dir(manual_dir)
+    if not is_download(path):
+        if report.get("manual_dir") == path:
+            return True
+        try:
+            check_download(manual_dir, config_name, option)
+        except BirdsnapNotFoundError as e:
+            raise BirdsnapNotFoundError(f"{e} (The {config_name} prepared before came from "
+                                        f"{report.get('manual_dir', 'an unknown download')}.)") from None
+    if "source_fingerprint" in report:
+        return report["source_fingerprint"] == download_fingerprint(path)
+    return report.get("manual_dir") == path
+
+
+def prepare_birdsnap(config_name="birdsnap34", data_dir=None, manual_dir=None, option="manual_dir="):
     """Prepares a Birdsnap config into TFRecords unless that was already done; returns the builder.
 
-    Preparing reads the download once, writes TFRecords and `preparation_report.json` under
-    `data_dir/cwsn_birdsnap/<config>/1.0.0/` and prints a summary. A prepared config is reused without
-    reading the download, so the download may be gone by then.
+    Preparing reads the download once, writes TFRecords and `preparation_report.json` (with the
+    download's folder and a fingerprint of its file list) under `data_dir/cwsn_birdsnap/<config>/1.0.0/`
+    and prints a summary. A prepared config is reused without reading the download (which may be gone
+    by then) unless `manual_dir` names another download: then it is prepared again from that one; a
+    `manual_dir` that is no download (and not the one it came from) is refused, naming `option`.
 
     Args:
         config_name: str. `"birdsnap34"` or `"birdsnap500"`.
-        data_dir: optional TFDS data dir; default `~/.cache/keras_cwsn/tfds`.
+        data_dir: optional TFDS data dir; default `$KERAS_CWSN_CACHE/tfds` (`~/.cache/keras_cwsn/tfds`).
         manual_dir: optional folder of the Birdsnap download; default
             `$KERAS_CWSN_BIRDSNAP_DIR`, else `~/.cache/keras_cwsn/birdsnap`.
+        option: str. How the caller's user names `manual_dir`, for messages (`--data-dir` in train.py).
 
     Raises:
         BirdsnapNotFoundError: when preparation is needed and the download is missing.
     """
     builder = birdsnap_builder(config_name, data_dir)
     if os.path.isdir(builder.data_dir) and builder.is_prepared():
-        return builder
-    manual = check_download(manual_dir, config_name)
+        if manual_dir is None or _prepared_from(builder, manual_dir, config_name, option):
+            return builder
+        previous = (read_json(os.path.join(builder.data_dir, REPORT_FILE_NAME)) or {}).get("manual_dir")
+        print(f"[data] {config_name} was prepared from {previous}; preparing it again from {manual_dir}", flush=True)
+        shutil.rmtree(builder.data_dir)
+        builder = birdsnap_builder(config_name, data_dir)
+    manual = check_download(manual_dir, config_name, option)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
     )
@@ -230,15 +264,17 @@ def read_preparation_report(config_name="birdsnap34", data_dir=None):
     return read_json(os.path.join(birdsnap_builder(config_name, data_dir).data_dir, REPORT_FILE_NAME))
 
 
-def load_birdsnap(config_name="birdsnap34", split="train", data_dir=None, manual_dir=None):
+def load_birdsnap(config_name="birdsnap34", split="train", data_dir=None, manual_dir=None, option="manual_dir="):
     """Loads a Birdsnap split as `(image, fine, coarse)` tuples, preparing it first if needed.
 
     Args:
         config_name: str. `"birdsnap34"` or `"birdsnap500"`.
         split: str. `"train"` or `"test"` (TFDS slicing such as `"train[:90%]"` works too).
-        data_dir: optional TFDS data dir; default `~/.cache/keras_cwsn/tfds`.
-        manual_dir: optional folder of the Birdsnap download, only read when the config is not
-            prepared yet; default `$KERAS_CWSN_BIRDSNAP_DIR`, else `~/.cache/keras_cwsn/birdsnap`.
+        data_dir: optional TFDS data dir; default `$KERAS_CWSN_CACHE/tfds` (`~/.cache/keras_cwsn/tfds`).
+        manual_dir: optional folder of the Birdsnap download, read when the config is not prepared yet
+            or was prepared from another download (see `prepare_birdsnap`); default
+            `$KERAS_CWSN_BIRDSNAP_DIR`, else `~/.cache/keras_cwsn/birdsnap`.
+        option: str. How the caller's user names `manual_dir`, for messages.
 
     Returns:
         Tuple `(dataset, info)`. `dataset` yields `(image, fine, coarse)`: a uint8 `[H, W, 3]`
@@ -248,7 +284,7 @@ def load_birdsnap(config_name="birdsnap34", split="train", data_dir=None, manual
     Raises:
         BirdsnapNotFoundError: when preparation is needed and the download is missing.
     """
-    builder = prepare_birdsnap(config_name, data_dir=data_dir, manual_dir=manual_dir)
+    builder = prepare_birdsnap(config_name, data_dir=data_dir, manual_dir=manual_dir, option=option)
     dataset = builder.as_dataset(split=split, shuffle_files=False)
     dataset = dataset.map(
         lambda ex: (ex["image"], ex["fine"], ex["coarse"]), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True

@@ -5,6 +5,8 @@ TensorFlow.
 """
 
 import csv
+import functools
+import hashlib
 import os
 
 from keras_cwsn.data.info import DatasetInfo, read_hierarchy_table
@@ -13,7 +15,7 @@ from keras_cwsn.errors import UserError
 
 # Config name (`birdsnap34`, `birdsnap500`) -> its `DatasetSpec`; the registry is the one copy.
 CONFIGS = {spec.tfds_config: spec for spec in DATASETS.values() if spec.source == "birdsnap"}
-DEFAULT_DATA_DIR = os.path.join("~", ".cache", "keras_cwsn", "tfds")
+DEFAULT_DATA_DIR = os.path.join("$KERAS_CWSN_CACHE", "tfds")  # the cache folder's, ~/.cache/keras_cwsn by default
 DEFAULT_MANUAL_DIR = os.path.join("~", ".cache", "keras_cwsn", "birdsnap")
 MANUAL_DIR_ENV = "KERAS_CWSN_BIRDSNAP_DIR"
 BIRDSNAP_ARCHIVE_URL = "http://thomasberg.org/datasets/birdsnap/1.1/birdsnap.tgz"
@@ -79,24 +81,52 @@ def resolve_manual_dir(manual_dir=None):
 
 
 def resolve_data_dir(data_dir=None):
-    """The TFDS data dir: `data_dir` if given, else `~/.cache/keras_cwsn/tfds`."""
-    return os.path.abspath(os.path.expanduser(os.fspath(data_dir or DEFAULT_DATA_DIR)))
+    """The TFDS data dir: `data_dir` if given, else `tfds/` in the cache folder (`$KERAS_CWSN_CACHE`, like every cache)."""
+    if data_dir:
+        return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    from keras_cwsn.data.folder import default_cache_dir
+
+    return os.path.abspath(os.path.join(default_cache_dir(), "tfds"))
 
 
-def _not_found_message(manual_dir, source, problem, config_name="birdsnap34"):
-    return (
-        f"Birdsnap download not found: looked in {manual_dir} ({source}) and {problem}. "
-        "Put a Birdsnap download there (species.txt, images.txt, test_images.txt and "
-        "images/<species dir>/*.jpg), or point to one with `manual_dir=` or "
-        f"${MANUAL_DIR_ENV}. To get it: unpack Birdsnap's archive {BIRDSNAP_ARCHIVE_URL} "
-        "(it holds images.txt, species.txt and test_images.txt), then fetch the images with "
-        "`python -m keras_cwsn.data.birdsnap download --images-file images.txt "
-        f"--out {manual_dir} --subset {config_name}` (it copies species.txt and "
-        "test_images.txt from beside images.txt into --out)."
-    )
+def _not_found_message(manual_dir, source, problem, config_name="birdsnap34", option="manual_dir="):
+    return (f"Birdsnap download not found: {manual_dir} ({source}): {problem}. Point {option} or ${MANUAL_DIR_ENV} at "
+            f"one (species.txt, images.txt, test_images.txt, images/); to get it: {BIRDSNAP_ARCHIVE_URL}, then "
+            f"`python -m keras_cwsn.data.birdsnap download --subset {config_name} ...`.")
 
 
-def check_download(manual_dir=None, config_name="birdsnap34"):
+@functools.lru_cache(maxsize=8)
+def _fingerprint(path, stamp):
+    digest = hashlib.sha1()
+    for name in ("species.txt", "images.txt", "test_images.txt"):
+        digest.update(f"{name}\0{os.path.getsize(os.path.join(path, name))}\n".encode())
+    images = os.path.join(path, "images")
+    for species in sorted(os.listdir(images)):
+        folder = os.path.join(images, species)
+        if os.path.isdir(folder):
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.is_file():
+                    digest.update(f"{species}/{entry.name}\0{entry.stat().st_size}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def download_fingerprint(manual_dir):
+    """A fingerprint of a download's file list (the three text files' sizes, every image's path and size).
+
+    The same download copied elsewhere keeps it; another download, or files added or removed, change it.
+    """
+    path = os.path.abspath(manual_dir)
+    stamps = [os.stat(os.path.join(path, n)).st_mtime_ns for n in ("images.txt", "images")]
+    return _fingerprint(path, tuple(stamps))
+
+
+def is_download(manual_dir):
+    """Whether a folder holds every entry of a Birdsnap download."""
+    return all((os.path.isdir if e == "images" else os.path.isfile)(os.path.join(manual_dir, e))
+               for e in REQUIRED_ENTRIES)
+
+
+def check_download(manual_dir=None, config_name="birdsnap34", option="manual_dir="):
     """Checks that a folder holds a Birdsnap download and returns its absolute path.
 
     Args:
@@ -108,15 +138,17 @@ def check_download(manual_dir=None, config_name="birdsnap34"):
             test_images.txt, images/ is missing.
     """
     path, source = resolve_manual_dir(manual_dir)
+    source = option.rstrip("=") if source == "manual_dir argument" else source
     if not os.path.isdir(path):
         problem = "it is not a folder" if os.path.exists(path) else "the folder does not exist"
-        raise BirdsnapNotFoundError(_not_found_message(path, source, problem, config_name))
+        raise BirdsnapNotFoundError(_not_found_message(path, source, problem, config_name, option))
     for entry in REQUIRED_ENTRIES:
         full = os.path.join(path, entry)
         ok = os.path.isdir(full) if entry == "images" else os.path.isfile(full)
         if not ok:
             what = "images/ (the image folder)" if entry == "images" else entry
-            raise BirdsnapNotFoundError(_not_found_message(path, source, f"{what} is missing there", config_name))
+            raise BirdsnapNotFoundError(_not_found_message(path, source, f"{what} is missing there", config_name,
+                                                           option))
     return path
 
 
