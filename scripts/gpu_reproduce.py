@@ -95,7 +95,8 @@ def launch(variant, seeds, out, args, env, schedule):
     if len(seeds) == 1:
         output_dir, seed_flags = run_dir(out, variant, seeds[0]), ["--seed", str(seeds[0])]
     else:
-        output_dir, seed_flags = os.path.dirname(run_dir(out, variant, seeds[0])), ["--seeds", ",".join(map(str, seeds))]
+        output_dir = os.path.dirname(run_dir(out, variant, seeds[0]))
+        seed_flags = ["--seeds", ",".join(map(str, seeds))]
     os.makedirs(output_dir, exist_ok=True)
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", args.data_dir,
                "--variant", variant, *seed_flags, "--output-dir", output_dir, *schedule, *args.train_args]
@@ -236,12 +237,14 @@ def main(argv=None):
         else:
             epoch_seconds, startup = probe(runs, args, env, deadline)
             epochs = min(choose_epochs(epoch_seconds, startup, deadline - time.time()), args.max_epochs)
-            plan = {"parallel": len(groups), "processes": groups, "epochs": epochs, "schedule_scale": epochs / PAPER_EPOCHS,
+            plan = {"parallel": len(groups), "processes": groups, "epochs": epochs,
+                    "schedule_scale": epochs / PAPER_EPOCHS,
                     "epoch_seconds": epoch_seconds, "startup_seconds": startup, "runs": [f"{v}:{s}" for v, s in runs]}
             with open(plan_path + ".partial", "w") as f:
                 json.dump(plan, f, indent=2)
             os.replace(plan_path + ".partial", plan_path)
-            print(f"[plan] one epoch {epoch_seconds:.1f} s with {len(groups)} processes going, start-up {startup:.0f} s: "
+            print(f"[plan] one epoch {epoch_seconds:.1f} s with {len(groups)} processes going, "
+                  f"start-up {startup:.0f} s: "
                   f"{epochs} epochs per phase", flush=True)
         schedule = ["--schedule-scale", repr(plan["schedule_scale"])]
         procs = [launch(v, seeds, args.out, args, env, schedule) for v, seeds in plan.get("processes", groups)

@@ -84,9 +84,12 @@ def test_each_seed_equals_a_separate_fit_run(runs):
     assert summary["per_seed"] == separate_summary["per_seed"] and summary["best_seed"] == separate_summary["best_seed"]
 
 
-def test_stacked_epochs_equal_fit_with_dropout_batchnorm_and_crops(float32_policy):
+@pytest.mark.parametrize("seed_axis, block", [("vmap", None), ("unroll", 1), ("vmap", 2)])
+def test_stacked_epochs_equal_fit_with_dropout_batchnorm_and_crops(seed_axis, block, float32_policy):
     """The trainer alone, against `fit` on the inputs the protocol gives it: each seed's own dropout masks,
-    BatchNorm statistics, crops, learning-rate schedule and coupled weight decay."""
+    BatchNorm statistics, crops, learning-rate schedule and coupled weight decay; in the accelerator
+    layout (vmap, one scan per epoch), the CPU's (seeds unrolled, a step per dispatch) and blocks of 2
+    steps (the epoch's 5 do not divide: a shorter last block)."""
     from keras_cwsn.config import learning_rate_at
     from keras_cwsn.optimizers import CoupledSGD
     from keras_cwsn.training.callbacks import EpochLearningRate
@@ -117,7 +120,7 @@ def test_stacked_epochs_equal_fit_with_dropout_batchnorm_and_crops(float32_polic
                             callbacks=[EpochLearningRate(settings)]).history
         separate[s] = history, [np.asarray(v) for v in model.variables + model.optimizer.variables]
     models = [build(s) for s in seeds]
-    trainer = StackedTrainer(models[0], "ce", "kcl", 2.0, x, y, pad=1)
+    trainer = StackedTrainer(models[0], "ce", "kcl", 2.0, x, y, pad=1, seed_axis=seed_axis, block=block)
     state = stack_state(models)
     for epoch in range(epochs):
         order = np.stack([tables[s][epoch][0] for s in seeds])

@@ -8,6 +8,13 @@ BatchNorm statistics, optimizer state and dropout seed state, and reads its own 
 and an epoch is `jax.lax.scan` of that step over the epoch's index table, on training images
 placed on the device once: one dispatch per epoch instead of one per step.
 
+That layout is for accelerators, where `fit`'s per-step dispatch is the cost. On XLA:CPU it loses:
+a vmapped convolution becomes a grouped one, about 2x slower than the seeds' convolutions one by
+one, and a step inside a `scan` ran about 5x slower than the same step jitted alone (measured, 2
+cores, docs/many-seeds.md). So on the CPU the seeds are unrolled inside one program (the same step
+traced once per seed) and runs `CPU_BLOCK` steps per dispatch, unrolled (the fastest tried: one step
+per dispatch was 3-4x slower); `seed_axis` and `block` choose.
+
 The template model (one seed's) lends only its graph and its optimizer's update rule; every value
 lives in the stacked state, which `write_back` copies into each seed's own Keras model after an
 epoch, for the callbacks and writers a separate run uses. JAX only (imports `jax`).
@@ -24,6 +31,8 @@ from keras_cwsn.data.crops import crop_flip
 from keras_cwsn.models import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT
 from keras_cwsn.training.inputs import PREDICT_BATCH
 from keras_cwsn.training.recipe import variant_losses
+
+CPU_BLOCK = 8  # steps per dispatch on a CPU, unrolled (see above)
 
 
 def stack_state(models):
@@ -68,9 +77,11 @@ class StackedTrainer:
         images: float32 array (N, H, W, C). The training split, preprocessed; placed on the device once.
         labels: dict {output: (N,) int32}. Its labels at each output's level.
         pad: int. Crop padding when the epochs come with crops (`augment`), else 0.
+        seed_axis: str. `"vmap"` or `"unroll"` (the seeds traced one by one). Defaults to unroll on a CPU.
+        block: int or None. Steps per dispatch; None: the whole epoch in one scan. Defaults to `CPU_BLOCK` on CPUs.
     """
 
-    def __init__(self, template, variant, criterion, margin, images, labels, pad=0):
+    def __init__(self, template, variant, criterion, margin, images, labels, pad=0, seed_axis=None, block=-1):
         self.model, self.optimizer = template, template.optimizer
         if not self.optimizer.built:
             self.optimizer.build(template.trainable_variables)
@@ -80,9 +91,25 @@ class StackedTrainer:
         self.lr_index, self.pad = _learning_rate_index(self.optimizer), pad
         self.images = jnp.asarray(images)
         self.labels = {k: jnp.asarray(v) for k, v in labels.items()}
-        donate = (0,) if jax.default_backend() != "cpu" else ()  # the CPU can't reuse donated buffers
-        self._epoch = jax.jit(jax.vmap(self._seed_epoch, in_axes=(0, None, None, 0, 0, None)), donate_argnums=donate)
+        cpu = jax.default_backend() == "cpu"
+        self.seed_axis = seed_axis or ("unroll" if cpu else "vmap")
+        self.block = (CPU_BLOCK if cpu else None) if block == -1 else block
+        donate = () if cpu else (0,)  # the CPU can't reuse donated buffers
+        self._epoch = jax.jit(self._over_seeds(self._seed_epoch, (0, None, None, 0, 0, None)), donate_argnums=donate)
         self._outputs = {}
+
+    def _over_seeds(self, fn, in_axes):
+        """`fn` of one seed applied to every seed: `jax.vmap`, or traced once per seed and stacked ("unroll")."""
+        if self.seed_axis == "vmap":
+            return jax.vmap(fn, in_axes=in_axes)
+
+        def unrolled(*args):
+            seeds = jax.tree_util.tree_leaves(args[0])[0].shape[0]
+            outs = [fn(*(a if axis is None else jax.tree_util.tree_map(lambda v: v[s], a)
+                         for a, axis in zip(args, in_axes))) for s in range(seeds)]
+            return jax.tree_util.tree_map(lambda *values: jnp.stack(values), *outs)
+
+        return unrolled
 
     @property
     def log_names(self):
@@ -123,17 +150,22 @@ class StackedTrainer:
             x = images[index] if crop is None else crop_flip(images[index], crop, self.pad, xp=jnp)
             return self._step(carry, x, {name: labels[name][index] for name in self.names})
 
-        return jax.lax.scan(step, (trainable, non_trainable, optimizer_variables), (order, crops))
+        unroll = self.block is not None  # a block of steps per dispatch: no loop in the program (see the module doc)
+        return jax.lax.scan(step, (trainable, non_trainable, optimizer_variables), (order, crops),
+                            unroll=order.shape[0] if unroll else 1)
 
     def epoch(self, state, order, crops, learning_rate):
         """Every seed's epoch in one call: order (S, steps, batch) int32, crops (S, steps, batch, 3) or None.
 
         Returns the new (donated) state and each seed's epoch logs, as `fit` reports them.
         """
-        crops = None if crops is None else jnp.asarray(crops)
-        state, figures = self._epoch(state, self.images, self.labels, jnp.asarray(order), crops,
-                                     jnp.float32(learning_rate))
-        figures = np.asarray(figures, np.float64)  # (S, steps, len(log_names)): the epoch's one host sync
+        steps, block, parts = order.shape[1], self.block or order.shape[1], []
+        for start in range(0, steps, block):  # one dispatch per block (the whole epoch unless `block`)
+            crop = None if crops is None else jnp.asarray(crops[:, start:start + block])
+            state, figures = self._epoch(state, self.images, self.labels, jnp.asarray(order[:, start:start + block]),
+                                         crop, jnp.float32(learning_rate))
+            parts.append(figures)
+        figures = np.asarray(jnp.concatenate(parts, axis=1), np.float64)  # (S, steps, figures): one host sync
         logs = []
         for seed_figures in figures:
             means = seed_figures.mean(axis=0)
@@ -147,7 +179,7 @@ class StackedTrainer:
         key = (kind, per_seed_index)
         if key not in self._outputs:
             fn = functools.partial(self._seed_evaluation, kind)
-            self._outputs[key] = jax.jit(jax.vmap(fn, in_axes=(0, None, None, 0 if per_seed_index else None)))
+            self._outputs[key] = jax.jit(self._over_seeds(fn, (0, None, None, 0 if per_seed_index else None)))
         return self._outputs[key]
 
     def _seed_evaluation(self, kind, state, images, labels, chunks):

@@ -161,7 +161,8 @@ class _Figures:
             values = self.trainer.evaluate("validation", state, self.eval_images, everything,
                                            keras.ops.convert_to_tensor(self.eval_labels.astype(np.int32)))
             for seed_logs, (loss, correct) in zip(logs, values):
-                seed_logs.update(val_loss=float(np.float32(loss.mean())), val_accuracy=float(np.float32(correct.mean())))
+                seed_logs.update(val_loss=float(np.float32(loss.mean())),
+                                 val_accuracy=float(np.float32(correct.mean())))
             return
         monitor = self.monitors[0]
         if not monitor.due(epoch, epochs, first):  # as under fit: the first epoch of each (resumed) fit too
