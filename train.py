@@ -40,6 +40,9 @@ def parse_args(argv=None):
                         "from it (default: the config's; alexnet for your own data)")
     p.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<variant>-<timestamp>")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2,3,4 (one sub-folder each)")
+    p.add_argument("--separate-seeds", action="store_true",
+                   help="with --seeds on JAX: run the seeds one after another through Keras's fit instead of "
+                        "together in one compiled program (docs/many-seeds.md)")
     p.add_argument("--seed", type=int, default=None,
                    help="a single seed: the same seed repeats a CPU run exactly (seeded shuffles, deterministic ops)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of both phases")
@@ -146,7 +149,8 @@ def main(argv=None):
         seeds = parse_seeds(args, config)
         output_dir = args.output_dir or os.path.join(
             "runs", f"{run_name(config)}-{config['variant']}-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_seeds(config, seeds, output_dir, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
+        run_seeds(config, seeds, output_dir, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume,
+                  together=not args.separate_seeds)
     except (UserError, ValueError) as e:
         print_error(e)
         return 2

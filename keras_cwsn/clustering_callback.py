@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from keras_cwsn.constants import CLUSTER_OUTPUT, PREDICT_BATCH
-from keras_cwsn.metrics import clustering_report, hungarian_mapping, predict_clusters
+from keras_cwsn.metrics import epoch_figures, predict_clusters
 
 
 class ClusteringMetrics(keras.callbacks.Callback):
@@ -42,28 +42,20 @@ class ClusteringMetrics(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._first = True
 
+    def due(self, epoch, epochs, first=False):
+        """Whether epoch `epoch` (from 0) of `epochs` gets the figures: every `every` epochs, the last, and the
+        first of each `fit` (`first`)."""
+        return first or (epoch + 1) % self.every == 0 or epoch + 1 == epochs
+
     def on_epoch_end(self, epoch, logs=None):
-        last = self.params and epoch + 1 == self.params.get("epochs")
         first, self._first = getattr(self, "_first", True), False
-        if logs is None or ((epoch + 1) % self.every and not last and not first):
+        if logs is None or not self.due(epoch, (self.params or {}).get("epochs"), first):
             return
         start = time.perf_counter()
         clusters = predict_clusters(self.model, self.images, self.output, self.batch_size)
-        mapping = None
+        train_clusters = None
         if self.mapping_images is not None:
             train_clusters = predict_clusters(self.model, self.mapping_images, self.output, self.batch_size)
-            mapping = hungarian_mapping(self.mapping_labels, train_clusters, num_clusters=None)
-            mapping = _extend(mapping, clusters)
-        for key, value in clustering_report(self.labels, clusters, mapping).items():
+        for key, value in epoch_figures(self.labels, clusters, self.mapping_labels, train_clusters).items():
             logs[self.prefix + key] = value
         logs["figures_seconds"] = round(time.perf_counter() - start, 3)  # what these figures cost the epoch
-
-
-def _extend(mapping, clusters):
-    """Map clusters never seen when fitting the mapping to class -1, so they count as errors instead of crashing."""
-    size = int(max(len(mapping), np.max(clusters) + 1))
-    extended = np.zeros(size, dtype=np.int64)
-    extended[: len(mapping)] = mapping
-    if size > len(mapping):
-        extended[len(mapping):] = -1
-    return extended

@@ -165,4 +165,23 @@ def _is_dataset(data):
     return not isinstance(data, np.ndarray)
 
 
+def epoch_figures(labels, clusters, mapping_labels=None, mapping_clusters=None):
+    """The per-epoch clustering figures, the mapping fitted on (`mapping_labels`, `mapping_clusters`) when given
+    (the training sample), else on the evaluated data itself."""
+    mapping = None
+    if mapping_clusters is not None:
+        mapping = _extend(hungarian_mapping(mapping_labels, mapping_clusters, num_clusters=None), clusters)
+    return clustering_report(labels, clusters, mapping)
+
+
+def _extend(mapping, clusters):
+    """Map clusters never seen when fitting the mapping to class -1, so they count as errors instead of crashing."""
+    size = int(max(len(mapping), np.max(clusters) + 1))
+    extended = np.zeros(size, dtype=np.int64)
+    extended[: len(mapping)] = mapping
+    if size > len(mapping):
+        extended[len(mapping):] = -1
+    return extended
+
+
 __getattr__ = lazy_getattr("keras_cwsn", {"clustering_callback": ("ClusteringMetrics",)})

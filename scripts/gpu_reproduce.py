@@ -1,7 +1,9 @@
 """Many (variant, seed) runs of the CIFAR-10 protocol at once on one GPU, sized to a time budget.
 
-A batch-16 LeNet uses a sliver of an H100, so one process per run shares the card (each gets
-`XLA_PYTHON_CLIENT_MEM_FRACTION` = 0.9 / parallel). The device machines lent here allow one command
+A batch-16 LeNet uses a sliver of an H100, so the runs share the card: one process per variant,
+whose seeds train together in one compiled program (`train.py --seeds`, docs/many-seeds.md), or
+with `--separate-seeds` one process per run; each process gets `XLA_PYTHON_CLIENT_MEM_FRACTION` =
+0.9 / processes. The device machines lent here allow one command
 10 minutes and a session 15 minutes in all, so the script first measures one epoch with every
 process running, then picks the number of epochs per phase that fits the budget (the paper's 95 at
 most, as `--schedule-scale E/95`: learning-rate milestones scale with it) and runs them. On the
@@ -79,11 +81,27 @@ def run_dir(out, variant, seed, tag="gpu"):
     return os.path.join(out, f"cifar10-lenet-{tag}-{variant}", f"seed_{seed}")
 
 
-def launch(variant, seed, output_dir, args, env, schedule):
-    """Start one train.py; its output goes to output_dir/train.log."""
+def process_groups(runs, together=True):
+    """[(variant, [seeds])]: one train.py per variant with its seeds trained together, or one per run."""
+    if not together:
+        return [(v, [s]) for v, s in runs]
+    grouped = {}
+    for v, s in runs:
+        grouped.setdefault(v, []).append(s)
+    return list(grouped.items())
+
+
+def launch(variant, seeds, out, args, env, schedule):
+    """Start one train.py for `seeds` of `variant` (each seed in its run_dir); its output goes to train.log
+    in the folder it is given (the run's, or for several seeds their parent)."""
+    if len(seeds) == 1:
+        output_dir, seed_flags = run_dir(out, variant, seeds[0]), ["--seed", str(seeds[0])]
+    else:
+        output_dir = os.path.dirname(run_dir(out, variant, seeds[0]))
+        seed_flags = ["--seeds", ",".join(map(str, seeds))]
     os.makedirs(output_dir, exist_ok=True)
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", args.data_dir,
-               "--variant", variant, "--seed", str(seed), "--output-dir", output_dir, *schedule, *args.train_args]
+               "--variant", variant, *seed_flags, "--output-dir", output_dir, *schedule, *args.train_args]
     with open(os.path.join(output_dir, "train.log"), "a") as log:  # the child keeps its own descriptor
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -117,8 +135,8 @@ def probe(runs, args, env, deadline):
     """Seconds of one clustering epoch (the second: the first compiles) with every process running, and start-up seconds."""
     out = os.path.join(args.out, "probe")
     start = time.time()
-    procs = [launch(v, s, run_dir(out, v, s), args, env, ["--cluster-epochs", "2", "--classify-epochs", "2"])
-             for v, s in runs]
+    procs = [launch(v, seeds, out, args, env, ["--cluster-epochs", "2", "--classify-epochs", "2"])
+             for v, seeds in process_groups(runs, not args.separate_seeds)]
     if wait_all(procs, deadline):
         raise PlanError(f"the probe (2 + 2 epochs per run) did not finish inside the budget; logs in {out}")
     wall = time.time() - start
@@ -160,12 +178,14 @@ def summary_rows(out, runs):
 
 
 def print_summary(rows, plan):
-    print(f"\nplan: {plan['parallel']} at once, {plan['epochs']} epochs per phase (schedule_scale "
+    print(f"\nplan: {plan['parallel']} processes at once, {plan['epochs']} epochs per phase (schedule_scale "
           f"{plan['schedule_scale']:.4f}), one epoch {plan['epoch_seconds']:.1f} s with all running")
     print(f"{'run':<8}{'status':<44}{'cluster acc':>12}{'NMI':>8}{'class. acc':>12}")
     fmt = lambda x, pct: "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.3f}")  # noqa: E731
+    together = {v: seeds for v, seeds in plan.get("processes", []) if len(seeds) > 1}
     for v, s, status, acc, nmi, cls in rows:
-        print(f"{v}:{s:<6}{status:<44}{fmt(acc, True):>12}{fmt(nmi, False):>8}{fmt(cls, True):>12}")
+        how = f"; trained with seeds {','.join(map(str, together[v]))}" if v in together else ""
+        print(f"{v}:{s:<6}{status:<44}{fmt(acc, True):>12}{fmt(nmi, False):>8}{fmt(cls, True):>12}{how}")
 
 
 def collect(out, runs, path):
@@ -186,7 +206,9 @@ def main(argv=None):
     p.add_argument("--archive", default=os.path.join(ROOT, "carry", "cifar10-train-jpg.tar.gz"))
     p.add_argument("--data-dir", default=None, help="where the archive is unpacked (default OUT/data)")
     p.add_argument("--out", required=True, help="runs, plan.json and the probe go here")
-    p.add_argument("--runs", default="A:0,B:0,C:0,D:0,ce:0", help="VARIANT:SEED,... (one process each)")
+    p.add_argument("--runs", default="A:0,B:0,C:0,D:0,ce:0",
+                   help="VARIANT:SEED,... (one process per variant, its seeds trained together)")
+    p.add_argument("--separate-seeds", action="store_true", help="one process per run (train.py --seed each)")
     p.add_argument("--budget-seconds", type=float, default=540.0, help="wall time for everything, probe included")
     p.add_argument("--max-epochs", type=int, default=PAPER_EPOCHS, help="epochs per phase at most")
     p.add_argument("--collect", default=None, help="write the runs' small files to this .tar.gz")
@@ -202,7 +224,8 @@ def main(argv=None):
             raise PlanError(f"--max-epochs must be in 1..{PAPER_EPOCHS}; got {args.max_epochs}")
         args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.out, "data"))
         unpack(args.archive, args.data_dir)
-        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(runs):.3f}",
+        groups = process_groups(runs, not args.separate_seeds)
+        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(groups):.3f}",
                    KERAS_CWSN_CACHE=os.environ.get("KERAS_CWSN_CACHE", os.path.join(args.out, "cache")))
         warm_cache(args.data_dir, env)
         if args.prepare_only:
@@ -216,16 +239,18 @@ def main(argv=None):
         else:
             epoch_seconds, startup = probe(runs, args, env, deadline)
             epochs = min(choose_epochs(epoch_seconds, startup, deadline - time.time()), args.max_epochs)
-            plan = {"parallel": len(runs), "epochs": epochs, "schedule_scale": epochs / PAPER_EPOCHS,
+            plan = {"parallel": len(groups), "processes": groups, "epochs": epochs,
+                    "schedule_scale": epochs / PAPER_EPOCHS,
                     "epoch_seconds": epoch_seconds, "startup_seconds": startup, "runs": [f"{v}:{s}" for v, s in runs]}
             with open(plan_path + ".partial", "w") as f:
                 json.dump(plan, f, indent=2)
             os.replace(plan_path + ".partial", plan_path)
-            print(f"[plan] one epoch {epoch_seconds:.1f} s with {len(runs)} runs going, start-up {startup:.0f} s: "
+            print(f"[plan] one epoch {epoch_seconds:.1f} s with {len(groups)} processes going, "
+                  f"start-up {startup:.0f} s: "
                   f"{epochs} epochs per phase", flush=True)
         schedule = ["--schedule-scale", repr(plan["schedule_scale"])]
-        procs = [launch(v, s, run_dir(args.out, v, s), args, env, schedule) for v, s in runs
-                 if not os.path.exists(os.path.join(run_dir(args.out, v, s), "metrics.json"))]
+        procs = [launch(v, seeds, args.out, args, env, schedule) for v, seeds in plan.get("processes", groups)
+                 if not all(os.path.exists(os.path.join(run_dir(args.out, v, s), "metrics.json")) for s in seeds)]
         stopped = wait_all(procs, deadline)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)

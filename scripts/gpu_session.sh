@@ -6,8 +6,11 @@
 #   1. install the carried wheels (.whl/: keras, namex, optree; README "On JAX");
 #   2. unpack the carried CIFAR-10 archive and decode it into the shared cache, on the CPU, while
 #      bench/gpu_check.py has the GPU to itself (capped at CHECK_SECONDS);
-#   3. scripts/gpu_reproduce.py: RUNS at once, epochs per phase sized to BUDGET seconds.
-# Settings (environment): RUNS, BUDGET (s for step 3), CHECK_SECONDS, CHECK_ARGS (gpu_check.py flags),
+#   3. scripts/gpu_reproduce.py: RUNS at once, one process per variant whose seeds train together in
+#      one compiled program (train.py --seeds; TRAIN_ARGS can't undo that, SEPARATE=1 does), epochs
+#      per phase sized to BUDGET seconds; its summary has one line per run. The default RUNS is the
+#      paper's CIFAR-10 Table 3 with 5 seeds per setting.
+# Settings (environment): RUNS, SEPARATE, BUDGET (s for step 3), CHECK_SECONDS, CHECK_ARGS (gpu_check.py flags),
 # MAX_EPOCHS, TRAIN_ARGS (flags for every train.py), ARCHIVE, WHEELS (default .whl), WORK, PYTHON.
 # What comes back (OUT): gpu_check.txt, reproduce.txt, results.tar.gz (every run's small files
 # and plan.json), logs.tar.gz (every run's train.log), machine.txt.
@@ -21,7 +24,7 @@ mkdir -p "$out"
 out=$(realpath "$out")
 cd "$(dirname "$0")/.."
 work=${WORK:-/tmp/cwsn-gpu}
-runs=${RUNS:-ce:0,ce:1,ce:2,A:0,A:1,B:0,B:1,C:0,C:1,C:2,D:0,D:1}
+runs=${RUNS:-$(for v in ce A B C D; do for s in 0 1 2 3 4; do printf '%s:%s,' "$v" "$s"; done; done)}
 budget=${BUDGET:-400}
 check_seconds=${CHECK_SECONDS:-130}
 archive=${ARCHIVE:-carry/cifar10-train-jpg.tar.gz}
@@ -54,7 +57,7 @@ wait "$data_pid" || { echo "error: the CIFAR-10 archive did not unpack or decode
 
 # 3. the runs
 "$python" scripts/gpu_reproduce.py --archive "$archive" --data-dir "$work/data" --out "$work/runs" --runs "$runs" \
-  --budget-seconds "$budget" ${MAX_EPOCHS:+--max-epochs $MAX_EPOCHS} --collect "$out/results.tar.gz" ${TRAIN_ARGS:+-- $TRAIN_ARGS} > "$out/reproduce.txt" 2>&1
+  --budget-seconds "$budget" ${MAX_EPOCHS:+--max-epochs $MAX_EPOCHS} ${SEPARATE:+--separate-seeds} --collect "$out/results.tar.gz" ${TRAIN_ARGS:+-- $TRAIN_ARGS} > "$out/reproduce.txt" 2>&1
 status=$?
 (cd "$work/runs" && find . -name train.log -print0 | tar -czf "$out/logs.tar.gz" --null -T -)
 cat "$out/gpu_check.txt" "$out/reproduce.txt"

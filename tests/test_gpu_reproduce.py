@@ -78,3 +78,18 @@ def test_epochs_fit_the_time_left():
     assert gpu_reproduce.choose_epochs(epoch_seconds=10.0, startup_seconds=40, seconds_left=500) == 21  # (500-40-30)//20
     with pytest.raises(gpu_reproduce.PlanError, match="no epoch fits"):
         gpu_reproduce.choose_epochs(epoch_seconds=100.0, startup_seconds=40, seconds_left=200)
+
+
+def test_each_variant_is_one_process_whose_seeds_land_in_their_run_folders(tmp_path, monkeypatch):
+    assert gpu_reproduce.process_groups([("A", 0), ("ce", 1), ("A", 2)]) == [("A", [0, 2]), ("ce", [1])]
+    assert gpu_reproduce.process_groups([("A", 0), ("A", 2)], together=False) == [("A", [0]), ("A", [2])]
+    started = []
+    monkeypatch.setattr(gpu_reproduce.subprocess, "Popen", lambda command, **kwargs: started.append(command))
+    args = gpu_reproduce.argparse.Namespace(data_dir="data", train_args=[])
+    gpu_reproduce.launch("A", [0, 2], str(tmp_path), args, {}, [])
+    gpu_reproduce.launch("ce", [1], str(tmp_path), args, {}, [])
+    together, alone = started
+    folder = together[together.index("--output-dir") + 1]
+    assert together[together.index("--seeds") + 1] == "0,2" and "--seed" not in together
+    assert os.path.join(folder, "seed_2") == gpu_reproduce.run_dir(str(tmp_path), "A", 2)  # train.py's seed folders
+    assert alone[alone.index("--output-dir") + 1] == gpu_reproduce.run_dir(str(tmp_path), "ce", 1)

@@ -28,12 +28,15 @@ def _indices(crops, height, width, xp):
     return rows, crops[:, 1:2] + columns
 
 
-def crop_flip(images, crops, pad):
-    """NumPy: (N, H, W, C) images, (N, 3) int crops (dy, dx in [0, 2 * pad], flip in {0, 1}) -> (N, H, W, C)."""
+def crop_flip(images, crops, pad, xp=np):
+    """NumPy: (N, H, W, C) images, (N, 3) int crops (dy, dx in [0, 2 * pad], flip in {0, 1}) -> (N, H, W, C).
+
+    `xp=jax.numpy` runs the same indexing inside a jitted JAX program (the seeds-together trainer).
+    """
     n, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    rows, columns = _indices(np.asarray(crops), height, width, np)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], columns[:, None, :]]
+    padded = xp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows, columns = _indices(xp.asarray(crops), height, width, xp)
+    return padded[xp.arange(n)[:, None, None], rows[:, :, None], columns[:, None, :]]
 
 
 def crop_flip_tf(images, crops, pad):

@@ -9,6 +9,8 @@
 - `workers`: what every worker agrees on (this process alone without tf.distribute).
 - `records`: config, provenance, projector and seed summaries written beside the figures.
 - `seeds`: derived seeds and each epoch's order (and crops, with `augment`).
+- `together`: several seeds of one setting trained together on JAX (`run_seeds`' default there);
+  `stacked`: its compiled, vmapped epoch program (imports JAX).
 
 Names are imported on first use, so `keras_cwsn.training.recipe` loads without the rest.
 """
@@ -18,9 +20,10 @@ from keras_cwsn.errors import RunError  # noqa: F401 (re-exported)
 
 _EXPORTS = {
     "protocol": ("run", "run_seeds", "cluster_phase", "classify_phase", "fit_phase"),
+    "together": ("run_together",),
     "inputs": ("RunData", "load_run_data", "load_training_split", "training_data", "steps_per_epoch",
-               "preprocess_split"),
-    "recipe": ("build_optimizer", "compile_model", "use_xla", "steps_per_execution"),
+               "preprocess_split", "epoch_batches"),
+    "recipe": ("build_optimizer", "compile_model", "variant_losses", "use_xla", "steps_per_execution"),
     "callbacks": ("StopOnNonFinite", "StepLearningRate", "EpochTimer", "ResumableWarmStart"),
     "checkpoint": ("Checkpoint",),
     "resume": ("RESUMABLE_CHANGES", "check_output_dir", "check_resume_config", "config_changes",

@@ -50,11 +50,17 @@ class RunData:
 
     def train_sample(self, size, seed):
         """A fixed, seeded sample of the training split (images, fine labels) for per-epoch mappings."""
+        keep = self.train_sample_index(size, seed)
+        if keep is None:
+            return self.images("train"), self.train.labels
+        return self.train_x[keep], self.train.labels[keep]
+
+    def train_sample_index(self, size, seed):
+        """The sorted indices of `train_sample`'s images, or None when it is the whole split."""
         n = len(self.train)
         if self.train_x is None or size >= n:
-            return self.images("train"), self.train.labels
-        keep = np.sort(np.random.default_rng(derived_seed(seed, "metrics_sample")).choice(n, size, replace=False))
-        return self.train_x[keep], self.train.labels[keep]
+            return None
+        return np.sort(np.random.default_rng(derived_seed(seed, "metrics_sample")).choice(n, size, replace=False))
 
 
 def load_run_data(config, quiet=False):
@@ -107,6 +113,17 @@ def steps_per_epoch(num_examples, batch_size):
     return num_examples // batch_size if num_examples >= batch_size else 1
 
 
+def epoch_batches(seed, phase, epoch, num_examples, batch_size, crop_size=None):
+    """Epoch `epoch`'s batches as an index table (steps, batch) int32, and with `crop_size` (the images'
+    (h, w), for `augment`) their crops (steps, batch, 3), else None: what `training_data` feeds each epoch."""
+    steps, per_batch = steps_per_epoch(num_examples, batch_size), min(batch_size, num_examples)
+    order = epoch_order(seed, phase, epoch, num_examples)[: steps * per_batch].reshape(steps, per_batch)
+    crops = None
+    if crop_size:
+        crops = epoch_crops(seed, phase, epoch, steps * per_batch, crop_padding(crop_size)).reshape(steps, per_batch, 3)
+    return order.astype(np.int32), crops
+
+
 def training_data(split, stats, batch_size, levels, config, phase, first_epoch, epochs, preprocessed=None):
     """The training batches of epochs `first_epoch`..`epochs - 1` as one dataset, and the steps per epoch.
 
@@ -129,16 +146,14 @@ def training_data(split, stats, batch_size, levels, config, phase, first_epoch, 
         return _streamed_training_data(split, stats, batch_size, levels, seed, phase, first_epoch, epochs,
                                        config["augment"])
     x = preprocess_split(split, stats) if preprocessed is None else preprocessed
-    n = len(split)
-    steps = steps_per_epoch(n, batch_size)
-    per_batch = min(batch_size, n)
-    order = np.concatenate([epoch_order(seed, phase, e, n)[: steps * per_batch] for e in range(first_epoch, epochs)])
-    order = order.reshape(-1, per_batch).astype(np.int32)
+    steps = steps_per_epoch(len(split), batch_size)
+    tables = [epoch_batches(seed, phase, e, len(split), batch_size, config["augment"] and x.shape[1:3])
+              for e in range(first_epoch, epochs)]
+    order = np.concatenate([t[0] for t in tables])
     crops, pad = None, 0
     if config["augment"]:
         pad = crop_padding(x.shape[1:3])
-        crops = np.concatenate([epoch_crops(seed, phase, e, steps * per_batch, pad)
-                                for e in range(first_epoch, epochs)]).reshape(-1, per_batch, 3)
+        crops = np.concatenate([t[1] for t in tables])
     labels = labels_by_output(split, levels)
     if keras.backend.backend() == "tensorflow":
         return _gathered_tf_dataset(x, labels, order, crops, pad), steps

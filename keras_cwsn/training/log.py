@@ -83,7 +83,7 @@ def phase_line(phase, settings, variant, first_epoch=0):
     """`[cluster] phase 1 of 2: ...` before a phase's first epoch."""
     count = 1 if variant == CLASSIFIER_VARIANT else 2
     number = 1 if phase == "cluster" or count == 1 else 2
-    what = {"cluster": "clustering pretraining (pairwise loss, no labels)",
+    what = {"cluster": "clustering pretraining (pairwise loss on same-or-different labels)",
             "classify": "classification" + (" from scratch" if count == 1 else ", warm-started from the clusterer")}
     resumed = f", resuming after epoch {first_epoch}" if first_epoch else ""
     return f"[{phase}] phase {number} of {count}: {what[phase]}; {_phase_words(settings)}{resumed}"

@@ -43,6 +43,9 @@ class Run:
     quiet: bool
     data: object = None
     fresh: tuple = None  # (folder existed, its entries) before a fresh start; None when resuming
+    results: dict = None  # the figures so far (metrics.json once finished)
+    timings: dict = None
+    started: float = None
 
     @property
     def info(self):
@@ -69,40 +72,41 @@ def run(config, output_dir, overwrite=False, quiet=False, resume=True):
     started = time.time()
     ctx = _start(config, output_dir, overwrite, quiet, resume)
     with resume_policy.undone_if_nothing_trained(ctx.output_dir, ctx.fresh):  # no stub runs in TensorBoard
-        return _protocol(ctx, started)
+        begin(ctx, load_run_data(config, quiet), started)
+        clusterer = mapping = None
+        if config["variant"] != CLASSIFIER_VARIANT:  # phase 1: cluster pretraining, then the Hungarian mapping
+            clusterer, mapping = cluster_phase(ctx)
+        t0 = time.time()  # phase 2: classification, warm-started from the clusterer (from scratch for `ce`)
+        classifier, warm = classify_phase(ctx, clusterer, mapping)
+        return conclude(ctx, classifier, clusterer, warm, t0)
 
 
-def _protocol(ctx, started):
-    """The protocol proper, once the output folder is ready: data, the phases, the outputs, metrics.json."""
+def begin(ctx, data, started):
+    """Hand the run its data, log its header, write config.json and open its figures (all before training)."""
     config = ctx.config
-    ctx.data = load_run_data(config, ctx.quiet)
-    timings = {"data_s": round(time.time() - started, 2)}
-    for line in log.header(config, ctx.data, ctx.output_dir):
+    ctx.data, ctx.started = data, started
+    ctx.timings = {"data_s": round(time.time() - started, 2)}
+    for line in log.header(config, data, ctx.output_dir):
         ctx.say(line)
     with records.writing("the run's config", ctx.output_dir):  # once the data is read: a run in TensorBoard from now
         records.write_config(ctx.output_dir, config)
-    results = {"dataset": config["dataset"], "variant": config["variant"], "seed": config["seed"],
-               "num_train": len(ctx.data.train), "num_eval": len(ctx.data.evaluation), "eval_split": ctx.data.eval_split,
-               "data_read": log.data_line(config, ctx.data)}
-    clusterer = mapping = None
-    if config["variant"] != CLASSIFIER_VARIANT:  # phase 1: cluster pretraining, then the Hungarian mapping
-        clusterer, cluster_result = cluster_phase(ctx)
-        mapping = np.asarray(cluster_result["mapping"])
-        results.update(cluster_result["eval"], train_cluster_accuracy=cluster_result["train"]["cluster_accuracy"])
-        timings["cluster_s"] = cluster_result["seconds"]
-        ctx.say(f"[cluster] {ctx.data.eval_split}: " +
-                ", ".join(f"{k} {v:.4f}" for k, v in cluster_result["eval"].items()))
-    t0 = time.time()  # phase 2: classification, warm-started from the clusterer (from scratch for `ce`)
-    classifier, warm = classify_phase(ctx, clusterer, mapping)
+    ctx.results = {"dataset": config["dataset"], "variant": config["variant"], "seed": config["seed"],
+                   "num_train": len(data.train), "num_eval": len(data.evaluation), "eval_split": data.eval_split,
+                   "data_read": log.data_line(config, data)}
+
+
+def conclude(ctx, classifier, clusterer, warm, classify_started):
+    """After the classification phase: the held-out accuracy, the models and records, metrics.json."""
+    results = ctx.results
     probabilities = classifier.predict(ctx.data.images("eval"), batch_size=PREDICT_BATCH, verbose=0)
     predicted = np.argmax(probabilities[CLASSIFIER_OUTPUT], axis=-1)
     results["classification_accuracy"] = float(np.mean(predicted == ctx.data.evaluation.labels))
-    timings["classify_s"] = round(time.time() - t0, 2)
+    ctx.timings["classify_s"] = round(time.time() - classify_started, 2)
     if warm is not None:
-        results["warm_start"] = {"head": config["head"], "layers": list(warm.copied)}
+        results["warm_start"] = {"head": ctx.config["head"], "layers": list(warm.copied)}
     write_outputs(ctx, classifier, clusterer, results)
-    timings["total_s"] = round(time.time() - started, 2)
-    return finish(ctx, results, timings)
+    ctx.timings["total_s"] = round(time.time() - ctx.started, 2)
+    return finish(ctx, results, ctx.timings)
 
 
 def _start(config, output_dir, overwrite, quiet, resume_ok):
@@ -136,21 +140,43 @@ def _make_strategy(name):
 
 
 def cluster_phase(ctx):
-    """Train the clusterer (or load the one a finished phase left), map clusters to classes on the training split."""
-    config, data, out = ctx.config, ctx.data, ctx.output_dir
+    """Train the clusterer (or load the one a finished phase left); returns it and its cluster -> class mapping."""
+    found = finished_clusterer(ctx)
+    if found is None:
+        t0 = time.time()
+        clusterer, settings, monitor = new_clusterer(ctx)
+        fit_phase(ctx, "cluster", clusterer, settings, variant_levels(ctx.config["variant"]), extra=[monitor])
+        found = clusterer, save_clusterer(ctx, clusterer, settings, t0)
+    clusterer, cluster_result = found
+    return clusterer, record_clustering(ctx, cluster_result)
+
+
+def finished_clusterer(ctx):
+    """(clusterer, cluster_result) of a clustering phase that finished before, or None."""
+    out = ctx.output_dir
     done_path, clusterer_path = os.path.join(out, "cluster_result.json"), os.path.join(out, "clusterer.keras")
-    if workers.agree_min(ctx.strategy, int(os.path.exists(done_path) and os.path.exists(clusterer_path))):  # every worker agrees
-        with open(done_path) as f:
-            cluster_result = json.load(f)
-        ctx.say(f"[resume] cluster phase: finished before, loaded {clusterer_path}")
-        return keras.saving.load_model(clusterer_path), cluster_result
-    t0 = time.time()
+    if not workers.agree_min(ctx.strategy, int(os.path.exists(done_path) and os.path.exists(clusterer_path))):
+        return None  # every worker agrees
+    with open(done_path) as f:
+        cluster_result = json.load(f)
+    ctx.say(f"[resume] cluster phase: finished before, loaded {clusterer_path}")
+    return keras.saving.load_model(clusterer_path), cluster_result
+
+
+def new_clusterer(ctx):
+    """A fresh compiled clusterer, its phase settings, and the callback that logs its per-epoch figures."""
+    config, data = ctx.config, ctx.data
     settings = phase_settings(config, "cluster")
     clusterer = _build(ctx, config["variant"], settings, "cluster")
     sample_x, sample_y = data.train_sample(config["metrics_sample"], config["seed"])
     monitor = ClusteringMetrics(data.images("eval"), data.evaluation.labels, output=CLUSTER_OUTPUT, prefix="val_",
                                 every=config["metrics_every"], mapping_images=sample_x, mapping_labels=sample_y)
-    fit_phase(ctx, "cluster", clusterer, settings, variant_levels(config["variant"]), extra=[monitor])
+    return clusterer, settings, monitor
+
+
+def save_clusterer(ctx, clusterer, settings, t0):
+    """Map clusters to classes on the training split, write the clusterer and mark the phase finished."""
+    data, out = ctx.data, ctx.output_dir
     train_clusters = predict_clusters(clusterer, data.images("train"), CLUSTER_OUTPUT)
     mapping = hungarian_mapping(data.train.labels, train_clusters, num_clusters=ctx.info.num_fine,
                                 num_classes=ctx.info.num_fine)
@@ -159,17 +185,35 @@ def cluster_phase(ctx):
                       "train": clustering_report(data.train.labels, train_clusters, mapping),
                       "eval": clustering_report(data.evaluation.labels, eval_clusters, mapping),
                       "seconds": round(time.time() - t0, 2)}
+    clusterer_path = os.path.join(out, "clusterer.keras")
     with records.writing("the clusterer", clusterer_path):
         records.save_keras_atomic(clusterer, clusterer_path)
         write_json_atomic(os.path.join(out, "preprocessing.json"), data.stats)  # evaluate reads the clusterer with it
-        write_json_atomic(done_path, cluster_result)  # written last: marks the phase finished
+        write_json_atomic(os.path.join(out, "cluster_result.json"), cluster_result)  # written last: the phase is done
     if workers.num_workers(ctx.strategy) == 1:  # other workers may still need it to agree on a resume point
         shutil.rmtree(os.path.join(out, "backup", "cluster"), ignore_errors=True)
-    return clusterer, cluster_result
+    return cluster_result
+
+
+def record_clustering(ctx, cluster_result):
+    """Put the clustering figures into the run's results; returns the cluster -> class mapping."""
+    ctx.results.update(cluster_result["eval"], train_cluster_accuracy=cluster_result["train"]["cluster_accuracy"])
+    ctx.timings["cluster_s"] = cluster_result["seconds"]
+    ctx.say(f"[cluster] {ctx.data.eval_split}: " + ", ".join(f"{k} {v:.4f}" for k, v in cluster_result["eval"].items()))
+    return np.asarray(cluster_result["mapping"])
 
 
 def classify_phase(ctx, clusterer, mapping):
     """Fine-tune a classifier, warm-started from `clusterer` (None: from scratch, the `ce` baseline)."""
+    classifier, warm, settings = new_classifier(ctx, clusterer, mapping)
+    levels = variant_levels(CLASSIFIER_VARIANT)
+    fit_phase(ctx, "classify", classifier, settings, levels, extra=[warm] if warm else [],
+              validation_data=ctx.data.labeled_eval(levels))
+    return classifier, warm
+
+
+def new_classifier(ctx, clusterer, mapping):
+    """A fresh compiled classifier, the warm start that fills it from `clusterer` (None for `ce`), its settings."""
     settings = phase_settings(ctx.config, "classify")
     classifier = _build(ctx, CLASSIFIER_VARIANT, settings, "classify")
     warm = None
@@ -177,10 +221,7 @@ def classify_phase(ctx, clusterer, mapping):
         warm = ResumableWarmStart(clusterer, ctx.config["head"], mapping,
                                   os.path.join(ctx.output_dir, "warm_start.json"),
                                   resumed=_resume_epoch(ctx, "classify") > 0)
-    levels = variant_levels(CLASSIFIER_VARIANT)
-    fit_phase(ctx, "classify", classifier, settings, levels, extra=[warm] if warm else [],
-              validation_data=ctx.data.labeled_eval(levels))
-    return classifier, warm
+    return classifier, warm, settings
 
 
 def _build(ctx, variant, settings, phase):
@@ -211,6 +252,22 @@ def _resume_epoch(ctx, phase):
 
 def fit_phase(ctx, phase, model, settings, levels, extra=(), validation_data=None):
     """Fit one phase from its last checkpoint (or epoch 0) to its last epoch, with the protocol's callbacks."""
+    bars = not ctx.quiet and log.progress_bars()
+    lines = [] if ctx.quiet or bars else [log.EpochLine(phase, settings["epochs"], ctx.data.eval_split)]
+    first, callbacks = phase_callbacks(ctx, phase, model, settings, extra, lines)
+    if callbacks is None:
+        return
+    data, epochs = ctx.data, settings["epochs"]
+    batches, steps = training_data(data.train, data.stats, settings["batch_size"], levels, ctx.config, phase, first,
+                                   epochs, preprocessed=data.train_x)
+    model.fit(batches, epochs=epochs, initial_epoch=first, steps_per_epoch=steps, validation_data=validation_data,
+              validation_batch_size=PREDICT_BATCH if isinstance(validation_data, tuple) else None,
+              shuffle=False, verbose="auto" if bars else 0, callbacks=callbacks)  # each epoch is ordered already
+
+
+def phase_callbacks(ctx, phase, model, settings, extra=(), lines=()):
+    """Where a phase resumes, and the protocol's callbacks (`lines`: a redirected log's epoch lines) for its
+    epochs; None when every epoch ran before an interruption, and its last checkpoint is restored instead."""
     backup_dir = os.path.join(ctx.output_dir, "backup", phase)
     history = os.path.join(ctx.output_dir, f"{phase}_history.csv")
     first, epochs = _resume_epoch(ctx, phase), settings["epochs"]
@@ -221,18 +278,10 @@ def fit_phase(ctx, phase, model, settings, levels, extra=(), validation_data=Non
     resume_policy.truncate_history(history, first)
     if first >= epochs:  # every epoch ran before the interruption: only the weights are needed
         checkpoint.restore(model, first)
-        return
-    data = ctx.data
+        return first, None
     ctx.say(log.phase_line(phase, settings, ctx.config["variant"], first))
-    batches, steps = training_data(data.train, data.stats, settings["batch_size"], levels, ctx.config, phase, first,
-                                   epochs, preprocessed=data.train_x)
-    bars = not ctx.quiet and log.progress_bars()
-    lines = [] if ctx.quiet or bars else [log.EpochLine(phase, epochs, data.eval_split)]
-    callbacks = [StopOnNonFinite(phase, backup_dir), *extra, StepLearningRate(settings), EpochTimer(), *lines,
-                 keras.callbacks.CSVLogger(history, append=True), *_tensorboard(ctx, phase), checkpoint]
-    model.fit(batches, epochs=epochs, initial_epoch=first, steps_per_epoch=steps, validation_data=validation_data,
-              validation_batch_size=PREDICT_BATCH if isinstance(validation_data, tuple) else None,
-              shuffle=False, verbose="auto" if bars else 0, callbacks=callbacks)  # each epoch is ordered already
+    return first, [StopOnNonFinite(phase, backup_dir), *extra, StepLearningRate(settings), EpochTimer(), *lines,
+                   keras.callbacks.CSVLogger(history, append=True), *_tensorboard(ctx, phase), checkpoint]
 
 
 def _tensorboard(ctx, phase):
@@ -308,11 +357,12 @@ def finish(ctx, results, timings):
     return results
 
 
-def run_seeds(config, seeds, output_dir, overwrite=False, quiet=False, resume=True):
+def run_seeds(config, seeds, output_dir, overwrite=False, quiet=False, resume=True, together=True):
     """Run one seed (in `output_dir`) or several (in `output_dir/seed_<n>`, plus `summary.json`).
 
     With several seeds, an interrupted command started again keeps the seeds that finished and
-    resumes the one that didn't.
+    resumes the others. On JAX they train together in one compiled program (`training.together`)
+    unless `together` is False or the run can't (then one after another, as on TensorFlow).
     """
     if len(seeds) == 1:
         return run(dict(config, seed=seeds[0]), output_dir, overwrite, quiet, resume)
@@ -320,25 +370,31 @@ def run_seeds(config, seeds, output_dir, overwrite=False, quiet=False, resume=Tr
     if os.path.exists(summary_path) and not overwrite:
         raise RunError(f"{output_dir} holds a finished multi-seed run (summary.json); pass --overwrite to replace it "
                        f"or choose another --output-dir.")
-    per_seed = []
+    from keras_cwsn.training import together as together_lib
+
+    per_seed, pending, seed_dir = {}, [], together_lib.seed_dir
     for s in seeds:
-        folder, seed_config = os.path.join(output_dir, f"seed_{s}"), dict(config, seed=s)
-        finished = os.path.join(folder, "metrics.json")
+        folder, finished = seed_dir(output_dir, s), os.path.join(seed_dir(output_dir, s), "metrics.json")
         if os.path.exists(finished) and not overwrite:
-            resume_policy.check_resume_config(folder, seed_config)
-            with open(finished) as f:
-                per_seed.append(json.load(f))
+            resume_policy.check_resume_config(folder, dict(config, seed=s))
+            per_seed[s] = read_json(finished)
             if not quiet:
                 print(f"[resume] seed {s}: finished before, kept {folder}", flush=True)
             continue
-        per_seed.append(run(seed_config, folder, overwrite, quiet, resume))
-    summary = records.summarize(per_seed)
+        pending.append(s)
+    why_not = together_lib.unavailable(config) if together else "--separate-seeds"
+    if pending and why_not is None:
+        per_seed.update(together_lib.run_together(config, pending, output_dir, overwrite, quiet, resume))
+    if pending and together and why_not is not None and keras.backend.backend() == "jax" and not quiet:
+        print(f"[seeds] the seeds run one after another: {why_not}", flush=True)
+    for s in pending if why_not is not None else ():
+        per_seed[s] = run(dict(config, seed=s), seed_dir(output_dir, s), overwrite, quiet, resume)
+    summary = records.summarize([per_seed[s] for s in seeds])
     with records.writing("summary.json", output_dir):
         write_json_atomic(summary_path, summary)
-    if not quiet:
-        for key in FIGURES:
-            if key in summary:
-                s = summary[key]
-                spread = f" ± {s['std']:.4f}" if s["std"] is not None else ""
-                print(f"[summary] {key}: {s['mean']:.4f}{spread} (best {s['best']:.4f})")
+    for key in FIGURES:
+        if key in summary and not quiet:
+            s = summary[key]
+            spread = f" ± {s['std']:.4f}" if s["std"] is not None else ""
+            print(f"[summary] {key}: {s['mean']:.4f}{spread} (best {s['best']:.4f})")
     return summary

@@ -57,20 +57,31 @@ def compile_model(model, variant, optimizer, criterion="kcl", margin=2.0, jit_co
         from keras_cwsn import distribute
 
         distribute.synchronize_batch_norm(model, strategy)
+    losses, weights = variant_losses(variant, criterion, margin, pair_loss)
     if variant == CLASSIFIER_VARIANT:
-        model.compile(optimizer=optimizer, loss={CLASSIFIER_OUTPUT: keras.losses.SparseCategoricalCrossentropy()},
+        model.compile(optimizer=optimizer, loss=losses,
                       metrics={CLASSIFIER_OUTPUT: ["accuracy"]} if metrics else None, jit_compile=jit_compile,
                       steps_per_execution=steps_per_execution)
     else:
-        weights = variant_loss_weights(variant)
-        make = pair_loss or (lambda: pairwise_loss(criterion, margin=margin))
-        model.compile(optimizer=optimizer, loss={name: make() for name in weights}, loss_weights=weights,
+        model.compile(optimizer=optimizer, loss=losses, loss_weights=weights,
                       jit_compile=jit_compile, steps_per_execution=steps_per_execution)
     if strategy is not None:
         from keras_cwsn import distribute
 
         distribute.patch_multiworker_fit(model, strategy)
     return model
+
+
+def variant_losses(variant, criterion="kcl", margin=2.0, pair_loss=None):
+    """The losses a variant trains with, {output: Loss}, and their weights ({output: weight}; None for `ce`).
+
+    `compile_model` compiles them; the seeds-together trainer (`training.together`) calls them itself.
+    """
+    if variant == CLASSIFIER_VARIANT:
+        return {CLASSIFIER_OUTPUT: keras.losses.SparseCategoricalCrossentropy()}, None
+    weights = variant_loss_weights(variant)
+    make = pair_loss or (lambda: pairwise_loss(criterion, margin=margin))
+    return {name: make() for name in weights}, weights
 
 
 def device_kind():
