@@ -6,6 +6,7 @@ A phase field (under `cluster:` / `classify:`) may be one value or a mapping var
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 
@@ -254,6 +255,17 @@ def default_config_path(dataset, arch=None):
             raise ConfigError(f"Unknown arch. Expected one of {', '.join(NETWORK_CONFIGS)}. Received: arch={arch!r}")
         config_file = NETWORK_CONFIGS[arch or "alexnet"]
     return os.path.join(CONFIG_DIR, config_file)
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_defaults(dataset, arch=None):
+    """The paper's recipe for a dataset: its config file's top-level settings over `DEFAULTS` (cub42 and
+    Birdsnap start AlexNet from Glorot's init, CIFAR-10 LeNet from PyTorch's); `DEFAULTS` for an unknown one."""
+    try:
+        settings = _read_file(default_config_path(dataset, arch)) or {}
+    except UserError:
+        settings = {}
+    return {key: settings.get(key, default) for key, default in DEFAULTS.items()}
 
 
 def load_config(path=None, dataset=None, overrides=None):

@@ -297,3 +297,15 @@ def test_a_run_with_the_default_settings_gets_the_plain_row():
     for key, (default, _, _) in tables.ROW_SETTINGS.items():
         assert DEFAULTS[key] == default, key
     assert tables.row_label({**DEFAULTS, "variant": "A"}) == "A" and DEFAULTS["init"] == "torch"
+
+
+def test_rows_read_the_recipe_from_the_datasets_config_file():
+    """The bird configs start AlexNet from Glorot's init: there that is the plain row and PyTorch's the suffixed one."""
+    from keras_cwsn.config import DEFAULTS, load_config
+
+    bird = load_config(None, "cub42")
+    assert tables.row_label(dict(bird, variant="C")) == "C"
+    assert tables.row_label(dict(bird, variant="C", init="torch")) == "C torch-init"
+    assert tables.row_label({**DEFAULTS, "dataset": "cifar10", "arch": "lenet", "variant": "C", "init": "keras"}) \
+        == "C keras-init"
+    assert tables.row_label({**DEFAULTS, "dataset": "no-such-dataset", "variant": "A"}) == "A"  # DEFAULTS then

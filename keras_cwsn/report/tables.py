@@ -13,7 +13,7 @@ import os
 import numpy as np
 from scipy import stats
 
-from keras_cwsn.config import KEYS, VALUES_BEFORE_THE_KEY
+from keras_cwsn.config import KEYS, VALUES_BEFORE_THE_KEY, recipe_defaults
 from keras_cwsn.constants import FIGURES
 from keras_cwsn.metrics import seed_std
 from keras_cwsn.report.histories import run_peak
@@ -58,10 +58,12 @@ ROW_SETTINGS = {name: (key.default, key.row, key.clusterer_only) for name, key i
 
 
 def row_label(config):
-    """The table row of a run: its variant, then each setting of ROW_SETTINGS that is not the paper's,
-    e.g. "A", "A mcl", "D decoupled-wd", "ce keras-init" (`ce` has no pairwise loss and no warm start)."""
+    """The table row of a run: its variant, then each setting of ROW_SETTINGS that is not the paper's
+    (as the dataset's config file has it: `config.recipe_defaults`), e.g. "A", "A mcl", "D decoupled-wd", "ce keras-init" (`ce` has no pairwise loss and no warm start)."""
     parts = [config["variant"]]
+    recipe = recipe_defaults(config.get("dataset"), config.get("arch"))
     for key, (default, suffix, clusterer_only) in ROW_SETTINGS.items():
+        default = recipe.get(key, default)
         value = config.get(key, VALUES_BEFORE_THE_KEY.get(key, default))
         if value != default and not (clusterer_only and config["variant"] == CLASSIFIER_VARIANT):
             parts.append(suffix(value))
