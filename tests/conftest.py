@@ -23,10 +23,12 @@ other module runs on the active Keras backend.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -88,6 +90,16 @@ def subprocess_env(cache_dir=None, **extra):
         env["KERAS_CWSN_CACHE"] = str(cache_dir)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def sigkill_at(process, path, timeout=300):
+    """SIGKILL `process` as soon as `path` exists (e.g. its first checkpoint), and check that it was killed."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
 def child_results(code, *args, stdin="", cache_dir=None, timeout=300, **env):

@@ -126,12 +126,10 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path, monkeypatch):
 @pytest.mark.heavy
 def test_sigkill_during_clustering_resumes_to_the_same_figures(tmp_path):
     """A run killed with SIGKILL (no handler runs) goes on from its last checkpoint to an uninterrupted run's figures."""
-    import signal
     import subprocess
     import sys
-    import time
 
-    from conftest import ROOT, subprocess_env
+    from conftest import ROOT, sigkill_at, subprocess_env
 
     env = subprocess_env(tmp_path / "cache", KERAS_BACKEND=keras.backend.backend())
 
@@ -144,12 +142,7 @@ def test_sigkill_during_clustering_resumes_to_the_same_figures(tmp_path):
     killed = tmp_path / "killed"
     victim = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metadata = killed / "backup" / "cluster" / "training_metadata.json"
-    deadline = time.time() + 300
-    while not metadata.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_at(victim, metadata)
     saved_epoch = json.loads(metadata.read_text())["epoch"]
     assert 1 <= saved_epoch < 3 and not (killed / "metrics.json").exists()
 

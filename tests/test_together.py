@@ -9,16 +9,14 @@ every weight, after a few epochs of tiny data; the held-out figures (argmax coun
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT, error_line, only_on_backend, subprocess_env
+from conftest import ROOT, error_line, only_on_backend, sigkill_at, subprocess_env
 
 import train
 
@@ -145,12 +143,7 @@ def test_sigkill_resumes_every_seed_to_the_uninterrupted_figures(runs, tmp_path,
     command = [sys.executable, os.path.join(ROOT, "train.py"), *ARGS, "--output-dir", str(killed)]
     victim = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metadata = killed / "seed_1" / "backup" / "cluster" / "training_metadata.json"
-    deadline = time.time() + 300
-    while not metadata.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_at(victim, metadata)
     assert not (killed / "seed_0" / "metrics.json").exists()
     # bad input: the same folders under other settings are refused in one line, before anything is touched
     assert train.main(ARGS + ["--set", "margin=1.5", "--output-dir", str(killed)]) == 2
