@@ -220,7 +220,9 @@ def _birdsnap_split(name, split, data_dir, info):
         raise DatasetUnavailableError(str(e)) from None
     dataset = raw.map(lambda image, fine, coarse: (image, fine), num_parallel_calls=tf.data.AUTOTUNE)
     labels = birdsnap.load_birdsnap_labels(config, split, data_dir=tfds_dir)  # same order, images not decoded
-    return Split(name, split, dataset, labels, dataclasses.replace(loaded_info, name=name),
+    # The run's input settings (a config's image_size / normalization) over the builder's defaults.
+    run_info = dataclasses.replace(loaded_info, name=name, image_size=info.image_size, normalization=info.normalization)
+    return Split(name, split, dataset, labels, run_info,
                  report=_birdsnap_report(birdsnap.read_preparation_report(config, tfds_dir), split, tfds_dir))
 
 
