@@ -14,7 +14,7 @@ import pytest
 import train
 from conftest import make_cifar_tree, write_image
 from keras_cwsn.data import dataset_info
-from keras_cwsn.models import ALL_VARIANTS
+from keras_cwsn.variants import ALL_VARIANTS
 from keras_cwsn.optional import tensorflow_available
 
 ALEXNET_SMALL = ["--set", "image_size=64", "--set", "classify.batch_size=8"]
