@@ -64,6 +64,18 @@ def data(tmp_path_factory):
     return cases
 
 
+@pytest.fixture(autouse=True)
+def fresh_keras_state():
+    """Thirty-odd whole runs in one worker: drop each run's models and traced functions before the next."""
+    yield
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
 DATASETS = ("synthetic", "cifar10 with test/", "cifar10 without test/", "cifar100", "cub42", "birdsnap34", "birdsnap")
 
 
