@@ -137,6 +137,7 @@ KEYS = {
                                row=lambda v: f"{v}-wd", hparam=str),
     "init": _with(_one_of(INITS), default="torch", before="keras", row=lambda v: f"{v}-init", hparam=str),
     "batchnorm": _with(_one_of(BATCHNORMS), default="keras", before="keras", row=lambda v: f"{v}-bn", hparam=str),
+    "alexnet_bn": _flag(default=False, before=False, row=lambda v: "alexnet-bn", hparam=bool),
     "precision": _with(_one_of(PRECISIONS), default="float32", hparam=str),
     "seed": Key(_non_negative_int, "an integer >= 0", default=0, hparam=int),
     "augment": _flag(default=False, row=lambda v: "augment"),
@@ -239,6 +240,9 @@ def _check_data_keys(config):
     if size is not None and min([size] if isinstance(size, int) else size) < MIN_INPUT_SIDE[config["arch"]]:
         raise ConfigError(f"Config key 'image_size' is too small for {config['arch']}: it needs a side of at least "
                           f"{MIN_INPUT_SIDE[config['arch']]}. Received: {size!r}")
+    if config.get("alexnet_bn") and config["arch"] != "alexnet":
+        raise ConfigError(f"Config key 'alexnet_bn' applies to arch alexnet only; this config's arch is "
+                          f"{config['arch']!r} (LeNet has BatchNorm already).")
     if config["dataset"] == "folder" and config["hierarchy"] is None:
         raise ConfigError("Dataset 'folder' needs a hierarchy table mapping each class folder to its coarse class: "
                           "pass --hierarchy TABLE.tsv (or set `hierarchy:` in the config).")

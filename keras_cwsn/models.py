@@ -62,29 +62,41 @@ def _lenet_trunk(x, width, init, batchnorm):
     return layers.Flatten(name="flatten")(x)
 
 
-def _alexnet_trunk(x, width, init, batchnorm):
-    """torchvision AlexNet features: 64/192/384/256/256 convs, three 3x3/2 max-pools (no BatchNorm)."""
+# AlexNet's convs: (filters, size, stride, padding); a 3x3/2 max-pool follows convs 1, 2 and 5.
+ALEXNET_CONVS = ((64, 11, 4, "valid"), (192, 5, 1, "same"), (384, 3, 1, "same"), (256, 3, 1, "same"),
+                 (256, 3, 1, "same"))
+
+
+def _alexnet_trunk(x, width, init, batchnorm, with_batchnorm=False):
+    """torchvision AlexNet features: 64/192/384/256/256 convs, three 3x3/2 max-pools; no BatchNorm unless
+    `with_batchnorm` (conv-BN-ReLU, as the LeNet: without it the pairwise loss has no gradient at the start)."""
     x = layers.ZeroPadding2D(2, name="conv1_pad")(x)
-    x = _conv(x, 64 * width, 11, "conv1", init, strides=4, activation="relu")
-    x = layers.MaxPooling2D(3, strides=2, name="pool1")(x)
-    x = _conv(x, 192 * width, 5, "conv2", init, padding="same", activation="relu")
-    x = layers.MaxPooling2D(3, strides=2, name="pool2")(x)
-    x = _conv(x, 384 * width, 3, "conv3", init, padding="same", activation="relu")
-    x = _conv(x, 256 * width, 3, "conv4", init, padding="same", activation="relu")
-    x = _conv(x, 256 * width, 3, "conv5", init, padding="same", activation="relu")
-    x = layers.MaxPooling2D(3, strides=2, name="pool5")(x)
+    for i, (filters, size, strides, padding) in enumerate(ALEXNET_CONVS, start=1):
+        name = f"conv{i}"
+        if with_batchnorm:
+            x = _conv(x, filters * width, size, name, init, strides=strides, padding=padding)
+            x = layers.ReLU(name=f"{name}_relu")(_batchnorm(x, f"{name}_bn", batchnorm))
+        else:
+            x = _conv(x, filters * width, size, name, init, strides=strides, padding=padding, activation="relu")
+        if i in (1, 2, 5):
+            x = layers.MaxPooling2D(3, strides=2, name=f"pool{i}")(x)
     return layers.Flatten(name="flatten")(x)
+
+
+def _alexnet_bn_trunk(x, width, init, batchnorm):
+    return _alexnet_trunk(x, width, init, batchnorm, with_batchnorm=True)
 
 
 ARCH_SPECS = {
     # trunk builder, (fc1, fc2) widths, whether fc layers are followed by BN (else dropout before them)
     "lenet": (_lenet_trunk, (500, 128), "bn"),
     "alexnet": (_alexnet_trunk, (4096, 4096), "dropout"),
+    "alexnet+bn": (_alexnet_bn_trunk, (4096, 4096), "bn"),  # `alexnet_bn=True`: BN after every conv and fc
 }
 
 
 def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, double=False, dropout=0.5,
-                name=None, init="torch", batchnorm="keras"):
+                name=None, init="torch", batchnorm="keras", alexnet_bn=False):
     """Build a clusterer (variant A-D) or classifier (`ce`) as a Functional model with dict outputs.
 
     Args:
@@ -103,6 +115,9 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
         batchnorm: str. `"keras"` (momentum 0.99, epsilon 1e-3) or `"torch"` (PyTorch's defaults,
             as the paper's code had them: momentum 0.9 in Keras's terms, epsilon 1e-5). Defaults
             to `"keras"`.
+        alexnet_bn: bool. AlexNet with BatchNorm after every conv and hidden fc and no dropout (the
+            LeNet's pattern), so that a clusterer from scratch leaves the uniform-output plateau
+            (docs/decisions.md). Defaults to False (torchvision's AlexNet).
 
     Returns:
         `keras.Model` whose outputs are a dict: one logits output per loss tap (e.g. `fine_fc3`,
@@ -115,7 +130,9 @@ def build_model(arch, variant, num_fine, num_coarse=None, input_shape=None, doub
     ```
     """
     taps, input_shape = _check_arguments(arch, variant, num_fine, num_coarse, input_shape, init, batchnorm)
-    trunk, (fc1_units, fc2_units), fc_style = ARCH_SPECS[arch]
+    if alexnet_bn and arch != "alexnet":
+        raise ValueError(f"alexnet_bn applies to AlexNet only. Received: arch={arch!r}, alexnet_bn=True")
+    trunk, (fc1_units, fc2_units), fc_style = ARCH_SPECS["alexnet+bn" if alexnet_bn else arch]
     width = 2 if double else 1
 
     # Layers

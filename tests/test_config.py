@@ -283,3 +283,10 @@ def test_synthetic_settings_on_another_dataset_are_refused_not_ignored():
     with pytest.raises(ConfigError, match="'synthetic' applies to dataset 'synthetic' only; .* 'cifar10'"):
         set_value(config, "synthetic.train_size", 100)
     assert set_value(load_config(dataset="synthetic"), "synthetic.train_size", 100)["synthetic"]["train_size"] == 100
+
+
+def test_alexnet_bn_is_off_by_default_and_refused_for_lenet():
+    assert load_config(dataset="cub42")["alexnet_bn"] is False
+    assert set_value(load_config(dataset="cub42"), "alexnet_bn", True)["alexnet_bn"] is True
+    with pytest.raises(ConfigError, match="'alexnet_bn' applies to arch alexnet only"):
+        set_value(load_config(dataset="cifar10"), "alexnet_bn", True)

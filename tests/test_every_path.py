@@ -94,3 +94,16 @@ def test_every_dataset_and_variant_runs_to_the_end(dataset, variant, data, tmp_p
     assert 0.0 <= metrics["classification_accuracy"] <= 1.0
     assert ("cluster_accuracy" in metrics) == (variant != "ce")
     assert len(metrics["class_names"]) == len(metrics["fine_to_coarse"])
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("variant", ["C", "ce"])
+def test_alexnet_with_batchnorm_runs_to_the_end(variant, data, tmp_path):
+    """`alexnet_bn`: the warm start carries the BatchNorm layers' weights and statistics over too."""
+    out = str(tmp_path / "run")
+    assert train.main([*data["cub42"], *COMMON, "--variant", variant, "--set", "alexnet_bn=true",
+                       "--output-dir", out]) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["config"]["alexnet_bn"] is True and 0.0 <= metrics["classification_accuracy"] <= 1.0
+

@@ -351,3 +351,18 @@ def test_keras_file_round_trip(variant, tmp_path):
     if variant != "ce":
         loss = restored.loss["fine_fc3"] if isinstance(restored.loss, dict) else None
         assert isinstance(loss, PairwiseKLLoss) and loss.margin == 3.0
+
+
+def test_alexnet_bn_puts_batchnorm_after_every_conv_and_hidden_fc_in_place_of_dropout():
+    plain = build_model("alexnet", "C", num_fine=6, num_coarse=3, input_shape=(64, 64, 3))
+    with_bn = build_model("alexnet", "C", num_fine=6, num_coarse=3, input_shape=(64, 64, 3), alexnet_bn=True)
+    names = [layer.name for layer in with_bn.layers]
+    assert [n for n in names if n.endswith("_bn")] == [f"conv{i}_bn" for i in range(1, 6)] + ["fc1_bn", "fc2_bn"]
+    assert not any("dropout" in n for n in names) and any("dropout" in layer.name for layer in plain.layers)
+    assert not any(layer.name.endswith("_bn") for layer in plain.layers)  # torchvision's AlexNet unchanged
+    assert [w.shape for w in plain.get_layer("conv1").weights] == [w.shape for w in with_bn.get_layer("conv1").weights]
+    outputs = with_bn(random_images(4, (64, 64, 3)), training=True)
+    assert {k: tuple(v.shape) for k, v in outputs.items()} == {"coarse_fc1": (4, 4096), "fine_fc2": (4, 4096),
+                                                              "fine_fc3": (4, 6)}
+    with pytest.raises(ValueError, match="alexnet_bn applies to AlexNet only"):
+        build_model("lenet", "A", num_fine=NUM_FINE, alexnet_bn=True)

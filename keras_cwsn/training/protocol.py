@@ -236,7 +236,7 @@ def _build(ctx, variant, settings, phase):
     with ctx.scope():
         model = build_model(config["arch"], variant, info.num_fine, info.num_coarse,
                             tuple(info.image_size) + (3,), config["double"], init=config["init"],
-                            batchnorm=config["batchnorm"])
+                            batchnorm=config["batchnorm"], alexnet_bn=config["alexnet_bn"])
         optimizer = build_optimizer(settings, config["weight_decay_mode"])
         if not config["last_layer_weight_decay"]:
             optimizer.exclude_from_weight_decay(var_list=model.get_layer(LAST_LAYER).trainable_weights)
