@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from keras_cwsn.config import load_config, set_value  # noqa: E402
 from keras_cwsn.models import build_model  # noqa: E402
 from keras_cwsn.training import build_optimizer, compile_model, run_seeds  # noqa: E402
+from keras_cwsn.variants import variant_levels  # noqa: E402
 
 # Appendix B's batch sizes: LeNet (CIFAR-10) 16 in both phases; AlexNet (Birdsnap34) clustering 128
 # (B-D; 1024 for A) and classification 16.
@@ -72,7 +73,7 @@ def device_memory(arch, variant, batch, shape, seeds):
         model = build_model(arch, variant, 10, 2, shape)
         settings = {"learning_rate": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
         models.append(compile_model(model, variant, build_optimizer(settings), jit_compile=True))
-    levels = {name: np.zeros(batch, np.int32) for name in models[0].output_names}
+    levels = {name: np.zeros(batch, np.int32) for name in variant_levels(variant)}  # the outputs' dict keys
     trainer = StackedTrainer(models[0], variant, "kcl", 2.0, np.zeros((batch,) + shape, np.float32), levels,
                              seed_axis="vmap", block=None)  # the accelerator layout
     order = np.zeros((seeds, 1, batch), np.int32)

@@ -21,6 +21,7 @@ skipped, with the reason; their backend-neutral counterparts are in test_protoco
 other module runs on the active Keras backend.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -90,6 +91,18 @@ def subprocess_env(cache_dir=None, **extra):
         env["KERAS_CWSN_CACHE"] = str(cache_dir)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def load_bench_script(name):
+    """Import a bench script by path (bench/ is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def sigkill_at(process, path, timeout=300):

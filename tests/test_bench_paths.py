@@ -8,7 +8,6 @@ JAX path must import no TensorFlow.
 """
 
 import ast
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ import pytest  # noqa: E402
 tf = pytest.importorskip("tensorflow", reason="TensorFlow only: the benchmarks' TensorFlow paths (XLA, tf.data)")
 
 from conftest import ROOT as CHECKOUT  # noqa: E402
-from conftest import imagenet_reference, subprocess_env  # noqa: E402
+from conftest import imagenet_reference, load_bench_script, subprocess_env  # noqa: E402
 from keras_cwsn.losses import PairwiseKLLoss  # noqa: E402
 from keras_cwsn.models import build_model  # noqa: E402
 from keras_cwsn.variants import variant_levels, variant_loss_weights  # noqa: E402
@@ -32,18 +31,6 @@ from keras_cwsn.optional import onednn_enabled  # noqa: E402
 
 ROOT = Path(CHECKOUT)
 BENCH = ROOT / "bench"
-
-
-def _load(name):
-    """Import a bench script by path (bench/ is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +87,7 @@ def test_xla_step_matches_plain_step_variant_d():
 
 
 def test_bench_compiled_step_matches_train_on_batch():
-    bench_steps = _load("bench_steps")
+    bench_steps = load_bench_script("bench_steps")
     x, y = _data(8)
     reference, benched = _compiled(), _compiled()
     before = _weights(reference)
@@ -163,7 +150,7 @@ def test_steps_per_execution_matches_one_step_per_execution(source):
                                          ("FusedBatchNormalization", (6, 4)), ("FusedBatchNormalization", (1, 4))])
 def test_other_batchnorms_match_keras_batchnorm(name, shape):
     """The BNs bench_batchnorm.py times are the same function: outputs, input and gamma/beta gradients, moving stats."""
-    bench = _load("bench_batchnorm")
+    bench = load_bench_script("bench_batchnorm")
     x = tf.constant(np.random.default_rng(2).standard_normal(shape).astype("float32") * 3 + 1)
     results = []
     for layer_class in (keras.layers.BatchNormalization, getattr(bench, name)):
@@ -181,7 +168,7 @@ def test_other_batchnorms_match_keras_batchnorm(name, shape):
 
 
 def test_birdsnap_like_224_path_matches_plain_preprocessing(tmp_path):
-    bench_pipeline = _load("bench_pipeline")
+    bench_pipeline = load_bench_script("bench_pipeline")
     from keras_cwsn.data import pipeline
 
     paths, labels = bench_pipeline.write_fake_birdsnap(str(tmp_path), count=5, size=(90, 110))
@@ -203,7 +190,7 @@ def test_birdsnap_like_224_path_matches_plain_preprocessing(tmp_path):
 
 
 def test_gpu_check_smoke_tensorflow_backend():
-    gpu_check = _load("gpu_check")
+    gpu_check = load_bench_script("gpu_check")
     lines = []
     results = gpu_check.main(["--steps", "2", "--warmup", "1", "--lenet-batch", "8", "--archs", "lenet",
                               "--loss-sizes", "16x8,32x5", "--repeats", "2"], log=lines.append)
@@ -219,7 +206,7 @@ def test_gpu_check_smoke_tensorflow_backend():
 
 def test_gpu_check_losses_match_bench_loss_and_each_other():
     """gpu_check's keras.ops copies of the floor and naive losses equal bench_loss.py's; ours equals naive."""
-    gpu_check, bench_loss = _load("gpu_check"), _load("bench_loss")
+    gpu_check, bench_loss = load_bench_script("gpu_check"), load_bench_script("bench_loss")
     rng = np.random.default_rng(3)
     logits = tf.constant(rng.standard_normal((12, 7)).astype(np.float32) * 3.0)
     labels = tf.constant(rng.integers(0, 3, size=12).astype(np.int32))
@@ -308,7 +295,7 @@ def test_gpu_check_loads_no_tensorflow_module_of_the_package():
                     "kernels on the CPU (TF_ENABLE_ONEDNN_OPTS=0 was set)")
 def test_channels_first_lenet_is_the_same_function_as_channels_last():
     """bench_layout.py times one network in two layouts: with fc1's rows reordered, the outputs agree."""
-    bench = _load("bench_layout")
+    bench = load_bench_script("bench_layout")
     last, first = bench.lenet("channels_last"), bench.lenet("channels_first")
     weights = [w.copy() for w in last.get_weights()]
     for i, w in enumerate(weights):  # fc1's kernel: rows in (h, w, c) flatten order -> (c, h, w)
@@ -325,7 +312,7 @@ def test_channels_first_lenet_is_the_same_function_as_channels_last():
 
 def test_train_speed_bench_reads_median_and_best_epoch_after_the_first(tmp_path):
     """The first epoch (tracing) is left out of both figures; the best is the fastest later epoch."""
-    bench = _load("bench_train_speed")
+    bench = load_bench_script("bench_train_speed")
     (tmp_path / "cluster_history.csv").write_text(
         "epoch,epoch_seconds,figures_seconds\n0,90.0,9.0\n1,40.0,1.5\n2,60.0,2.5\n3,44.0,1.0\n")
     assert bench.epoch_figures(str(tmp_path), "cluster") == (44.0, 40.0, 1.5)
@@ -335,7 +322,7 @@ def test_train_speed_bench_reads_median_and_best_epoch_after_the_first(tmp_path)
 
 def test_layers_bench_times_keras_batchnorm_and_every_case(capsys):
     """bench_layers.py's BN piece is Keras's training-mode BatchNormalization + ReLU; its TF column times every case."""
-    bench = _load("bench_layers")
+    bench = load_bench_script("bench_layers")
     _, forward, x, (gamma, beta) = bench.tensorflow_piece("bn", (5, 5, 4), None, np.random.default_rng(3))
     gamma.assign(np.linspace(0.5, 2.0, 4).astype("float32"))
     beta.assign(np.linspace(-1.0, 1.0, 4).astype("float32"))

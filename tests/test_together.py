@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT, error_line, only_on_backend, sigkill_at, subprocess_env
+from conftest import ROOT, error_line, load_bench_script, only_on_backend, sigkill_at, subprocess_env
 
 import train
 
@@ -163,3 +163,10 @@ def test_other_backends_and_float16_run_the_seeds_apart():
 
     assert unavailable(tiny_config()) is None
     assert "mixed_float16" in unavailable(tiny_config(precision="mixed_float16"))
+
+
+def test_the_benchmarks_memory_figure_grows_with_the_seeds():
+    """`bench_seeds_together.py --memory`: XLA's plan for 2 stacked seeds holds about twice one seed's state."""
+    bench = load_bench_script("bench_seeds_together")
+    one, two = (bench.device_memory("lenet", "D", 4, (32, 32, 3), n) for n in (1, 2))
+    assert 0 < one < two <= 2.2 * one, (one, two)
