@@ -10,7 +10,7 @@ from keras_cwsn.variants import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, variant_l
 from keras_cwsn.constants import WEIGHT_DECAY_MODES
 from keras_cwsn.optimizers import CoupledSGD
 
-# Steps per `fit` execution when `steps_per_execution: auto`: measured in docs/BENCHMARKS.md (issue 12).
+# Steps per `fit` execution when `steps_per_execution: auto`: measured in docs/BENCHMARKS.md.
 AUTO_STEPS_PER_EXECUTION = {"cpu": 32, "gpu": 32}
 
 
