@@ -271,3 +271,10 @@ def test_dataset_info_tables():
     birds = data.dataset_info("birdsnap34")
     assert birds.num_fine == 34 and birds.num_coarse == 18 and birds.image_size == (224, 224)
     assert data.dataset_info("birdsnap").num_fine == 500
+
+
+def test_pipeline_refuses_augment_on_an_in_memory_split_instead_of_ignoring_it():
+    split = data.load_split("synthetic", "train", synthetic={"train_size": 32})
+    stats = data.preprocessing_stats(split, verbose=False)
+    with pytest.raises(ValueError, match="augment=True crops streamed splits only"):
+        data.make_pipeline(split, stats, 8, {"fine_fc3": "fine"}, training=True, augment=True)

@@ -282,6 +282,9 @@ def make_pipeline(split, stats, batch_size, levels=None, training=False, seed=0,
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1. Received: {batch_size}")
+    if augment and split.images is not None:  # it would be silently ignored here
+        raise ValueError(f"augment=True crops streamed splits only; the in-memory split {split.name!r} is cropped "
+                         f"per epoch by `keras_cwsn.training.training_data`. Received: augment=True")
     require_tensorflow("A tf.data pipeline")
     import tensorflow as tf
 
