@@ -4,6 +4,7 @@ Which layer carries which level's pairwise loss is the variant table (`keras_cws
 The loss-bearing tensor of a layer is its linear output (before BN/ReLU); the loss applies the softmax.
 """
 
+import functools
 import math
 
 import keras
@@ -83,15 +84,12 @@ def _alexnet_trunk(x, width, init, batchnorm, with_batchnorm=False):
     return layers.Flatten(name="flatten")(x)
 
 
-def _alexnet_bn_trunk(x, width, init, batchnorm):
-    return _alexnet_trunk(x, width, init, batchnorm, with_batchnorm=True)
-
-
 ARCH_SPECS = {
     # trunk builder, (fc1, fc2) widths, whether fc layers are followed by BN (else dropout before them)
     "lenet": (_lenet_trunk, (500, 128), "bn"),
     "alexnet": (_alexnet_trunk, (4096, 4096), "dropout"),
-    "alexnet+bn": (_alexnet_bn_trunk, (4096, 4096), "bn"),  # `alexnet_bn=True`: BN after every conv and fc
+    # `alexnet_bn=True`: BN after every conv and fc
+    "alexnet+bn": (functools.partial(_alexnet_trunk, with_batchnorm=True), (4096, 4096), "bn"),
 }
 
 
