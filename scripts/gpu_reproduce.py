@@ -1,18 +1,24 @@
-"""Many (variant, seed) runs of the CIFAR-10 protocol at once on one GPU, sized to a time budget.
+"""Many (variant, seed) runs of one dataset's protocol at once on one GPU, sized to a time budget.
 
-A batch-16 LeNet uses a sliver of an H100, so the runs share the card: one process per variant,
+`--dataset` is any registered dataset read from a folder (cifar10 by default; cub42 for the paper's
+bird protocol on AlexNet), its network and Appendix B's settings from its config file, as train.py
+takes them. A batch-16 LeNet uses a sliver of an H100, so the runs share the card: one process per variant,
 whose seeds train together in one compiled program (`train.py --seeds`, docs/many-seeds.md), or
 with `--separate-seeds` one process per run; each process gets `XLA_PYTHON_CLIENT_MEM_FRACTION` =
 0.9 / processes. The device machines lent here allow one command
 10 minutes and a session 15 minutes in all, so the script first measures one epoch with every
 process running, then picks the number of epochs per phase that fits the budget (the paper's 95 at
-most, as `--schedule-scale E/95`: learning-rate milestones scale with it) and runs them. On the
+most, as `--schedule-scale E/P` with P the paper's epochs for the dataset, 95 for CIFAR-10 and 195
+for the birds: learning-rate milestones scale with it) and runs them. On the
 budget's end unfinished runs are stopped with SIGTERM: they keep their per-epoch checkpoints, and
 the same command resumes them with the same plan (`OUT/plan.json`).
 
     # on the GPU machine (JAX, no TensorFlow), the archive carried inside the checkout:
     KERAS_BACKEND=jax python scripts/gpu_reproduce.py --archive carry/cifar10-train-jpg.tar.gz \\
         --out /tmp/runs --runs A:0,B:0,C:0,D:0,ce:0,A:1,C:1,D:1 --budget-seconds 540 --collect $OUT/results.tar.gz
+    # the official CIFAR-10 split (both archives), and the birds with BatchNorm in AlexNet:
+    ... --archive carry/cifar10-train-jpg.tar.gz --archive carry/cifar10-test-jpg.tar.gz ...
+    ... --dataset cub42 --archive carry/cub42-jpg.tar.gz --runs C:0,C:1,C:2,ce:0,ce:1,ce:2 ... -- --set alexnet_bn=true
 
 Prints one line per run (status, epochs, figures) and, with --collect, packs every run's small
 files (metrics.json, cluster_result.json, histories, plan.json) into one archive, for machines that
@@ -29,10 +35,12 @@ import sys
 import tarfile
 import time
 
+from keras_cwsn.config import ConfigError, load_config
 from keras_cwsn.constants import PHASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_EPOCHS = 95
+# The archives of ../shared/data each dataset is read from (train/<class>/*, and test/ for cub42).
+ARCHIVES = {"cifar10": ("cifar10/cifar10-train-jpg.tar.gz",), "cub42": ("cub/cub42-jpg.tar.gz",)}
 SMALL_FILES = ("metrics.json", "cluster_result.json", "cluster_history.csv", "classify_history.csv", "config.json")
 VARIANTS = ("ce", "A", "B", "C", "D")
 
@@ -54,31 +62,53 @@ def parse_runs(text):
     return runs
 
 
-def unpack(archive, data_dir):
-    """The archive's train/<class>/*.jpg under data_dir (once; an unpacked tree is reused)."""
-    if os.path.isdir(os.path.join(data_dir, "train")):
-        return
-    if not os.path.isfile(archive):
-        raise PlanError(f"--archive {archive}: no such file (copy ../shared/data/cifar10/cifar10-train-jpg.tar.gz "
-                        f"into an ignored folder of the checkout and carry it)")
-    os.makedirs(data_dir, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(data_dir, filter="data")
+def dataset_recipe(dataset):
+    """(network, the paper's epochs per phase) of a dataset, from its config file."""
+    try:
+        config = load_config(dataset=dataset)
+    except ConfigError as e:
+        raise PlanError(f"--dataset {dataset}: {e}") from None
+    return config["arch"], max(config[phase]["epochs"] for phase in PHASES)
+
+
+def default_archives(dataset):
+    return [os.path.join(ROOT, "carry", os.path.basename(a)) for a in ARCHIVES.get(dataset, ())]
+
+
+def unpack(archives, data_dir, dataset="cifar10"):
+    """Each archive's train/<class>/* (and test/) under data_dir, once per archive (a marker file remembers)."""
+    if not archives:
+        raise PlanError(f"--dataset {dataset}: name the archive(s) of its train/<class>/* folder with --archive")
+    for archive in archives:
+        marker = os.path.join(data_dir, f".unpacked-{os.path.basename(archive)}")
+        if os.path.exists(marker):
+            continue
+        if not os.path.isfile(archive):
+            shared = " or ".join(f"../shared/data/{a}" for a in ARCHIVES.get(dataset, ())) or "the archive"
+            raise PlanError(f"--archive {archive}: no such file (copy {shared} into an ignored folder of the "
+                            f"checkout and carry it)")
+        os.makedirs(data_dir, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(data_dir, filter="data")
+        open(marker, "w").close()
     if not os.path.isdir(os.path.join(data_dir, "train")):
-        raise PlanError(f"{archive} holds no train/ folder")
+        raise PlanError(f"{', '.join(archives)}: no train/ folder in the archive(s)")
 
 
-def warm_cache(data_dir, env):
-    """Decode the training images once into the shared cache, so the parallel runs only read it."""
-    code = ("from keras_cwsn.data import load_split; "
-            f"load_split('cifar10', 'train', data_dir={data_dir!r}, val_per_class=0, verbose=False)")
+def warm_cache(data_dir, env, dataset="cifar10"):
+    """Decode the images once into the shared cache (train/, and test/ when there), so the parallel runs only read it."""
+    splits = ["train"] + (["test"] if os.path.isdir(os.path.join(data_dir, "test")) else [])
+    code = ("from keras_cwsn.data import load_split\n"
+            f"for split in {splits!r}:\n"
+            f"    load_split({dataset!r}, split, data_dir={data_dir!r}, val_per_class=0, verbose=False)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise PlanError(f"cannot read {data_dir} as CIFAR-10: {done.stderr.strip().splitlines()[-1:]}")
+        raise PlanError(f"cannot read {data_dir} as {dataset}: {done.stderr.strip().splitlines()[-1:]}")
 
 
-def run_dir(out, variant, seed, tag="gpu"):
-    return os.path.join(out, f"cifar10-lenet-{tag}-{variant}", f"seed_{seed}")
+def run_dir(out, variant, seed, prefix):
+    """OUT/DATASET-NET-gpu-VARIANT/seed_S, the folders `report` reads."""
+    return os.path.join(out, f"{prefix}-{variant}", f"seed_{seed}")
 
 
 def process_groups(runs, together=True):
@@ -95,12 +125,12 @@ def launch(variant, seeds, out, args, env, schedule):
     """Start one train.py for `seeds` of `variant` (each seed in its run_dir); its output goes to train.log
     in the folder it is given (the run's, or for several seeds their parent)."""
     if len(seeds) == 1:
-        output_dir, seed_flags = run_dir(out, variant, seeds[0]), ["--seed", str(seeds[0])]
+        output_dir, seed_flags = run_dir(out, variant, seeds[0], args.prefix), ["--seed", str(seeds[0])]
     else:
-        output_dir = os.path.dirname(run_dir(out, variant, seeds[0]))
+        output_dir = os.path.dirname(run_dir(out, variant, seeds[0], args.prefix))
         seed_flags = ["--seeds", ",".join(map(str, seeds))]
     os.makedirs(output_dir, exist_ok=True)
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10", "--data-dir", args.data_dir,
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", args.dataset, "--data-dir", args.data_dir,
                "--variant", variant, *seed_flags, "--output-dir", output_dir, *schedule, *args.train_args]
     with open(os.path.join(output_dir, "train.log"), "a") as log:  # the child keeps its own descriptor
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -132,7 +162,8 @@ def history(path):
 
 
 def probe(runs, args, env, deadline):
-    """Seconds of one clustering epoch (the second: the first compiles) with every process running, and start-up seconds."""
+    """Seconds of one epoch of each phase (the second: the first compiles) with every process running, the
+    slowest run's, and start-up seconds. The phases differ in batch size and steps (AlexNet: 128 and 16)."""
     out = os.path.join(args.out, "probe")
     start = time.time()
     procs = [launch(v, seeds, out, args, env, ["--cluster-epochs", "2", "--classify-epochs", "2"])
@@ -140,31 +171,34 @@ def probe(runs, args, env, deadline):
     if wait_all(procs, deadline):
         raise PlanError(f"the probe (2 + 2 epochs per run) did not finish inside the budget; logs in {out}")
     wall = time.time() - start
-    epochs, spent = [], []
+    epochs, spent = {phase: [0.0] for phase in PHASES}, []
     for v, s in runs:
-        directory = run_dir(out, v, s)
+        directory = run_dir(out, v, s, args.prefix)
         rows = {phase: history(os.path.join(directory, f"{phase}_history.csv")) for phase in PHASES}
         if (v != "ce" and len(rows["cluster"]) < 2) or len(rows["classify"]) < 2:
             raise PlanError(f"the probe run {v}:{s} failed; see {os.path.join(directory, 'train.log')}")
-        timed = rows["cluster" if v != "ce" else "classify"][1]
-        epochs.append(float(timed["epoch_seconds"]))
+        for phase in PHASES:
+            if rows[phase]:
+                epochs[phase].append(float(rows[phase][1]["epoch_seconds"]))
         spent.append(sum(float(r["epoch_seconds"]) for phase in rows.values() for r in phase))
-    return max(epochs), max(wall - min(spent), 0.0)
+    return max(epochs["cluster"]), max(epochs["classify"]), max(wall - min(spent), 0.0)
 
 
-def choose_epochs(epoch_seconds, startup_seconds, seconds_left, margin=30.0):
-    """Epochs per phase that fit: start-up plus two phases of E epochs, under the time left."""
-    fit = int((seconds_left - startup_seconds - margin) // (2 * epoch_seconds))
+def choose_epochs(cluster_seconds, classify_seconds, startup_seconds, seconds_left, most, margin=30.0):
+    """Epochs per phase that fit: start-up plus E clustering and E classification epochs, under the time left;
+    `most` at most (the paper's)."""
+    fit = int((seconds_left - startup_seconds - margin) // (cluster_seconds + classify_seconds))
     if fit < 1:
-        raise PlanError(f"no epoch fits: one epoch takes {epoch_seconds:.1f} s with every run going and start-up "
-                        f"{startup_seconds:.0f} s, with {seconds_left:.0f} s left; run fewer at once (--parallel)")
-    return min(fit, PAPER_EPOCHS)
+        raise PlanError(f"no epoch fits: an epoch of each phase takes {cluster_seconds:.1f} + {classify_seconds:.1f} s "
+                        f"with every run going and start-up {startup_seconds:.0f} s, with {seconds_left:.0f} s left; "
+                        f"run fewer at once")
+    return min(fit, most)
 
 
-def summary_rows(out, runs):
+def summary_rows(out, runs, prefix):
     rows = []
     for v, s in runs:
-        directory = run_dir(out, v, s)
+        directory = run_dir(out, v, s, prefix)
         metrics = os.path.join(directory, "metrics.json")
         if os.path.exists(metrics):
             with open(metrics) as f:
@@ -178,8 +212,10 @@ def summary_rows(out, runs):
 
 
 def print_summary(rows, plan):
-    print(f"\nplan: {plan['parallel']} processes at once, {plan['epochs']} epochs per phase (schedule_scale "
-          f"{plan['schedule_scale']:.4f}), one epoch {plan['epoch_seconds']:.1f} s with all running")
+    classify = plan.get("classify_epoch_seconds", plan["epoch_seconds"])  # a plan from before the phases were timed apart
+    print(f"\nplan: {plan.get('dataset', 'cifar10')}, {plan['parallel']} processes at once, {plan['epochs']} epochs "
+          f"per phase (schedule_scale {plan['schedule_scale']:.4f}), one epoch {plan['epoch_seconds']:.1f} s "
+          f"(clustering) and {classify:.1f} s (classification) with all running")
     print(f"{'run':<8}{'status':<44}{'cluster acc':>12}{'NMI':>8}{'class. acc':>12}")
     fmt = lambda x, pct: "-" if x is None else (f"{100 * x:.2f}" if pct else f"{x:.3f}")  # noqa: E731
     together = {v: seeds for v, seeds in plan.get("processes", []) if len(seeds) > 1}
@@ -188,13 +224,13 @@ def print_summary(rows, plan):
         print(f"{v}:{s:<6}{status:<44}{fmt(acc, True):>12}{fmt(nmi, False):>8}{fmt(cls, True):>12}{how}")
 
 
-def collect(out, runs, path):
+def collect(out, runs, path, prefix):
     """Every run's small files and the plan in one .tar.gz (the device machine returns a few files only)."""
     tmp = path + ".partial"
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(os.path.join(out, "plan.json"), arcname="plan.json")
         for v, s in runs:
-            directory = run_dir(out, v, s)
+            directory = run_dir(out, v, s, prefix)
             for name in SMALL_FILES:
                 if os.path.exists(os.path.join(directory, name)):
                     tar.add(os.path.join(directory, name), arcname=os.path.relpath(os.path.join(directory, name), out))
@@ -203,14 +239,17 @@ def collect(out, runs, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--archive", default=os.path.join(ROOT, "carry", "cifar10-train-jpg.tar.gz"))
+    p.add_argument("--dataset", default="cifar10", help="a registered dataset read from a folder (cifar10, cub42, ...)")
+    p.add_argument("--archive", action="append", default=None,
+                   help="a .tar.gz of train/<class>/* (and/or test/<class>/*); repeat for several (default: the "
+                        "dataset's archives of ../shared/data, carried under carry/)")
     p.add_argument("--data-dir", default=None, help="where the archive is unpacked (default OUT/data)")
     p.add_argument("--out", required=True, help="runs, plan.json and the probe go here")
     p.add_argument("--runs", default="A:0,B:0,C:0,D:0,ce:0",
                    help="VARIANT:SEED,... (one process per variant, its seeds trained together)")
     p.add_argument("--separate-seeds", action="store_true", help="one process per run (train.py --seed each)")
     p.add_argument("--budget-seconds", type=float, default=540.0, help="wall time for everything, probe included")
-    p.add_argument("--max-epochs", type=int, default=PAPER_EPOCHS, help="epochs per phase at most")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs per phase at most (default the paper's)")
     p.add_argument("--collect", default=None, help="write the runs' small files to this .tar.gz")
     p.add_argument("--prepare-only", action="store_true",
                    help="unpack the archive and decode it into the cache, then stop (gpu_session.sh does this "
@@ -220,14 +259,18 @@ def main(argv=None):
     deadline = time.time() + args.budget_seconds
     try:
         runs = parse_runs(args.runs)
-        if not 1 <= args.max_epochs <= PAPER_EPOCHS:
-            raise PlanError(f"--max-epochs must be in 1..{PAPER_EPOCHS}; got {args.max_epochs}")
+        arch, paper_epochs = dataset_recipe(args.dataset)
+        args.prefix = f"{args.dataset}-{arch}-gpu"
+        most = paper_epochs if args.max_epochs is None else args.max_epochs
+        if not 1 <= most <= paper_epochs:
+            raise PlanError(f"--max-epochs must be in 1..{paper_epochs} for {args.dataset}; got {args.max_epochs}")
         args.data_dir = os.path.abspath(args.data_dir or os.path.join(args.out, "data"))
-        unpack(args.archive, args.data_dir)
+        if args.archive or not os.path.isdir(os.path.join(args.data_dir, "train")):  # else a folder given as it is
+            unpack(args.archive or default_archives(args.dataset), args.data_dir, args.dataset)
         groups = process_groups(runs, not args.separate_seeds)
         env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(groups):.3f}",
                    KERAS_CWSN_CACHE=os.environ.get("KERAS_CWSN_CACHE", os.path.join(args.out, "cache")))
-        warm_cache(args.data_dir, env)
+        warm_cache(args.data_dir, env, args.dataset)
         if args.prepare_only:
             print(f"[data] {args.data_dir} unpacked and decoded into {env['KERAS_CWSN_CACHE']}", flush=True)
             return 0
@@ -235,29 +278,34 @@ def main(argv=None):
         if os.path.exists(plan_path):  # a second call resumes the runs with the same schedule
             with open(plan_path) as f:
                 plan = json.load(f)
+            if plan.get("dataset", "cifar10") != args.dataset:
+                raise PlanError(f"{plan_path} plans {plan.get('dataset', 'cifar10')} runs, not {args.dataset}: "
+                                f"give this dataset its own --out")
             print(f"[plan] resuming with {plan_path}: {plan['epochs']} epochs per phase", flush=True)
         else:
-            epoch_seconds, startup = probe(runs, args, env, deadline)
-            epochs = min(choose_epochs(epoch_seconds, startup, deadline - time.time()), args.max_epochs)
-            plan = {"parallel": len(groups), "processes": groups, "epochs": epochs,
-                    "schedule_scale": epochs / PAPER_EPOCHS,
-                    "epoch_seconds": epoch_seconds, "startup_seconds": startup, "runs": [f"{v}:{s}" for v, s in runs]}
+            cluster_seconds, classify_seconds, startup = probe(runs, args, env, deadline)
+            epochs = choose_epochs(cluster_seconds, classify_seconds, startup, deadline - time.time(), most)
+            plan = {"dataset": args.dataset, "parallel": len(groups), "processes": groups, "epochs": epochs,
+                    "schedule_scale": epochs / paper_epochs, "epoch_seconds": cluster_seconds,
+                    "classify_epoch_seconds": classify_seconds, "startup_seconds": startup,
+                    "runs": [f"{v}:{s}" for v, s in runs]}
             with open(plan_path + ".partial", "w") as f:
                 json.dump(plan, f, indent=2)
             os.replace(plan_path + ".partial", plan_path)
-            print(f"[plan] one epoch {epoch_seconds:.1f} s with {len(groups)} processes going, "
-                  f"start-up {startup:.0f} s: "
+            print(f"[plan] {args.dataset}: one epoch {cluster_seconds:.1f} s (clustering) and {classify_seconds:.1f} s "
+                  f"(classification) with {len(groups)} processes going, start-up {startup:.0f} s: "
                   f"{epochs} epochs per phase", flush=True)
         schedule = ["--schedule-scale", repr(plan["schedule_scale"])]
         procs = [launch(v, seeds, args.out, args, env, schedule) for v, seeds in plan.get("processes", groups)
-                 if not all(os.path.exists(os.path.join(run_dir(args.out, v, s), "metrics.json")) for s in seeds)]
+                 if not all(os.path.exists(os.path.join(run_dir(args.out, v, s, args.prefix), "metrics.json"))
+                            for s in seeds)]
         stopped = wait_all(procs, deadline)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary(summary_rows(args.out, runs), plan)
+    print_summary(summary_rows(args.out, runs, args.prefix), plan)
     if args.collect:
-        collect(args.out, runs, args.collect)
+        collect(args.out, runs, args.collect, args.prefix)
         print(f"small files of every run: {args.collect}")
     if stopped:
         print(f"{stopped} run(s) stopped at the budget's end; the same command resumes them")

@@ -1,4 +1,5 @@
-"""scripts/gpu_reproduce.py on the CPU, on whichever backend runs the tests: probe, plan, parallel runs, collect, resume."""
+"""scripts/gpu_reproduce.py on the CPU, on whichever backend runs the tests: probe, plan, parallel runs, collect, resume;
+CIFAR-10 and the birds (cub42 on AlexNet, whose two phases differ in epoch time and whose paper's epochs are 195)."""
 
 import json
 import os
@@ -7,7 +8,8 @@ import tarfile
 
 import pytest
 
-from conftest import ROOT, make_cifar_archive, only_on_backend
+from conftest import ROOT, make_cifar_archive, only_on_backend, write_image
+from keras_cwsn.data import dataset_info
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_reproduce  # noqa: E402
@@ -31,7 +33,8 @@ def test_two_runs_at_once_are_planned_run_collected_and_resumed(archive, tmp_pat
     printed = capsys.readouterr().out
     plan = json.loads((out / "plan.json").read_text())
     assert plan["parallel"] == 2 and plan["epochs"] == 2 and plan["schedule_scale"] == pytest.approx(2 / 95)
-    assert plan["epoch_seconds"] > 0 and plan["runs"] == ["A:0", "ce:1"]
+    assert plan["epoch_seconds"] > 0 and plan["classify_epoch_seconds"] > 0 and plan["runs"] == ["A:0", "ce:1"]
+    assert plan["dataset"] == "cifar10"
     for variant, seed in (("A", 0), ("ce", 1)):
         run = out / f"cifar10-lenet-gpu-{variant}" / f"seed_{seed}"
         metrics = json.loads((run / "metrics.json").read_text())
@@ -74,10 +77,54 @@ def test_missing_archive_says_what_to_carry(tmp_path, capsys):
 
 
 def test_epochs_fit_the_time_left():
-    assert gpu_reproduce.choose_epochs(epoch_seconds=2.0, startup_seconds=40, seconds_left=500) == 95  # capped
-    assert gpu_reproduce.choose_epochs(epoch_seconds=10.0, startup_seconds=40, seconds_left=500) == 21  # (500-40-30)//20
+    fit = gpu_reproduce.choose_epochs
+    assert fit(2.0, 2.0, startup_seconds=40, seconds_left=500, most=95) == 95  # capped at the paper's
+    assert fit(10.0, 10.0, startup_seconds=40, seconds_left=500, most=95) == 21  # (500-40-30)//20
+    assert fit(1.0, 4.0, startup_seconds=40, seconds_left=500, most=195) == 86  # the phases' own epoch times: 430//5
+    assert fit(0.0, 2.0, startup_seconds=40, seconds_left=500, most=195) == 195  # `ce` alone: no clustering epochs
     with pytest.raises(gpu_reproduce.PlanError, match="no epoch fits"):
-        gpu_reproduce.choose_epochs(epoch_seconds=100.0, startup_seconds=40, seconds_left=200)
+        fit(100.0, 100.0, startup_seconds=40, seconds_left=200, most=95)
+
+
+def test_each_dataset_plans_with_its_network_and_paper_epochs():
+    assert gpu_reproduce.dataset_recipe("cifar10") == ("lenet", 95)
+    assert gpu_reproduce.dataset_recipe("cub42") == ("alexnet", 195)
+    with pytest.raises(gpu_reproduce.PlanError, match="--dataset nope"):
+        gpu_reproduce.dataset_recipe("nope")
+
+
+def test_max_epochs_beyond_the_papers_is_refused(tmp_path, capsys):
+    assert gpu_reproduce.main(["--out", str(tmp_path), "--max-epochs", "96"]) == 2
+    assert "1..95 for cifar10" in capsys.readouterr().err
+
+
+def test_a_dataset_without_a_known_archive_asks_for_one(tmp_path, capsys):
+    assert gpu_reproduce.main(["--out", str(tmp_path), "--dataset", "cifar100"]) == 2
+    assert "name the archive(s)" in capsys.readouterr().err
+
+
+def test_a_plan_for_another_dataset_is_not_resumed(archive, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "plan.json").write_text(json.dumps({"dataset": "cub42", "epochs": 3}))
+    assert gpu_reproduce.main(["--out", str(tmp_path), "--archive", archive, "--runs", "ce:0"]) == 2
+    assert "plans cub42 runs, not cifar10" in capsys.readouterr().err
+
+
+def test_several_archives_unpack_into_one_tree_once(tmp_path):
+    trees = {}
+    for split in ("train", "test"):
+        write_image(str(tmp_path / split / split / "cat" / "0.jpg"), __import__("numpy").zeros((8, 8, 3), "uint8"))
+        trees[split] = str(tmp_path / f"{split}.tar.gz")
+        with tarfile.open(trees[split], "w:gz") as tar:
+            tar.add(str(tmp_path / split / split), arcname=split)
+    data = tmp_path / "data"
+    gpu_reproduce.unpack([trees["train"], trees["test"]], str(data))
+    assert (data / "train" / "cat" / "0.jpg").exists() and (data / "test" / "cat" / "0.jpg").exists()
+    (data / "test" / "cat" / "0.jpg").unlink()
+    gpu_reproduce.unpack([trees["train"], trees["test"]], str(data))  # remembered: not unpacked again
+    assert not (data / "test" / "cat" / "0.jpg").exists()
+    with pytest.raises(gpu_reproduce.PlanError, match="no train/ folder"):
+        gpu_reproduce.unpack([trees["test"]], str(tmp_path / "only-test"))
 
 
 def test_each_variant_is_one_process_whose_seeds_land_in_their_run_folders(tmp_path, monkeypatch):
@@ -85,11 +132,47 @@ def test_each_variant_is_one_process_whose_seeds_land_in_their_run_folders(tmp_p
     assert gpu_reproduce.process_groups([("A", 0), ("A", 2)], together=False) == [("A", [0]), ("A", [2])]
     started = []
     monkeypatch.setattr(gpu_reproduce.subprocess, "Popen", lambda command, **kwargs: started.append(command))
-    args = gpu_reproduce.argparse.Namespace(data_dir="data", train_args=[])
+    prefix = "cifar10-lenet-gpu"
+    args = gpu_reproduce.argparse.Namespace(dataset="cifar10", prefix=prefix, data_dir="data", train_args=[])
     gpu_reproduce.launch("A", [0, 2], str(tmp_path), args, {}, [])
     gpu_reproduce.launch("ce", [1], str(tmp_path), args, {}, [])
     together, alone = started
     folder = together[together.index("--output-dir") + 1]
     assert together[together.index("--seeds") + 1] == "0,2" and "--seed" not in together
-    assert os.path.join(folder, "seed_2") == gpu_reproduce.run_dir(str(tmp_path), "A", 2)  # train.py's seed folders
-    assert alone[alone.index("--output-dir") + 1] == gpu_reproduce.run_dir(str(tmp_path), "ce", 1)
+    assert os.path.join(folder, "seed_2") == gpu_reproduce.run_dir(str(tmp_path), "A", 2, prefix)  # train.py's seeds
+    assert alone[alone.index("--output-dir") + 1] == gpu_reproduce.run_dir(str(tmp_path), "ce", 1, prefix)
+
+
+@pytest.fixture(scope="module")
+def bird_archive(tmp_path_factory):
+    """A cub42-style archive: every species folder of the package's table, 2 training and 1 test image each."""
+    import numpy as np
+
+    root, rng = tmp_path_factory.mktemp("cub42"), np.random.default_rng(0)
+    for split, count in (("train", 2), ("test", 1)):
+        for name in dataset_info("cub42").fine_names:
+            for i in range(count):
+                write_image(str(root / "tree" / split / name / f"{i}.jpg"), rng.integers(0, 256, (40, 40, 3), np.uint8))
+    path = str(root / "cub42-jpg.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(str(root / "tree" / split), arcname=split)
+    return path
+
+
+@pytest.mark.heavy
+@only_on_backend("jax", "the script drives train.py on the GPU machines, which have JAX only")
+def test_the_bird_protocol_runs_on_alexnet_with_the_papers_195_epochs(bird_archive, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    argv = ["--dataset", "cub42", "--archive", bird_archive, "--out", str(out), "--runs", "C:0,C:1",
+            "--budget-seconds", "500", "--max-epochs", "1", "--", "--set", "image_size=64", "--set",
+            "alexnet_bn=true", "--set", "embedding_sample=0", "--quiet"]
+    assert gpu_reproduce.main(argv) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["dataset"] == "cub42" and plan["schedule_scale"] == pytest.approx(1 / 195)
+    for seed in (0, 1):
+        metrics = json.loads((out / "cub42-alexnet-gpu-C" / f"seed_{seed}" / "metrics.json").read_text())
+        assert metrics["config"]["alexnet_bn"] is True and metrics["eval_split"] == "test"
+        assert metrics["num_eval"] == 42
+    assert capsys.readouterr().out.count("finished") == 2
