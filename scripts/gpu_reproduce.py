@@ -237,6 +237,32 @@ def collect(out, runs, path, prefix):
     os.replace(tmp, path)
 
 
+def load_or_make_plan(runs, groups, args, env, deadline, paper_epochs, most):
+    """OUT/plan.json when there (a second call resumes the runs with the same schedule), else probe and plan."""
+    plan_path = os.path.join(args.out, "plan.json")
+    if os.path.exists(plan_path):
+        with open(plan_path) as f:
+            plan = json.load(f)
+        if plan.get("dataset", "cifar10") != args.dataset:
+            raise PlanError(f"{plan_path} plans {plan.get('dataset', 'cifar10')} runs, not {args.dataset}: "
+                            f"give this dataset its own --out")
+        print(f"[plan] resuming with {plan_path}: {plan['epochs']} epochs per phase", flush=True)
+        return plan
+    cluster_seconds, classify_seconds, startup = probe(runs, args, env, deadline)
+    epochs = choose_epochs(cluster_seconds, classify_seconds, startup, deadline - time.time(), most)
+    plan = {"dataset": args.dataset, "parallel": len(groups), "processes": groups, "epochs": epochs,
+            "schedule_scale": epochs / paper_epochs, "epoch_seconds": cluster_seconds,
+            "classify_epoch_seconds": classify_seconds, "startup_seconds": startup,
+            "runs": [f"{v}:{s}" for v, s in runs]}
+    with open(plan_path + ".partial", "w") as f:
+        json.dump(plan, f, indent=2)
+    os.replace(plan_path + ".partial", plan_path)
+    print(f"[plan] {args.dataset}: one epoch {cluster_seconds:.1f} s (clustering) and {classify_seconds:.1f} s "
+          f"(classification) with {len(groups)} processes going, start-up {startup:.0f} s: "
+          f"{epochs} epochs per phase", flush=True)
+    return plan
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="cifar10", help="a registered dataset read from a folder (cifar10, cub42, ...)")
@@ -274,27 +300,7 @@ def main(argv=None):
         if args.prepare_only:
             print(f"[data] {args.data_dir} unpacked and decoded into {env['KERAS_CWSN_CACHE']}", flush=True)
             return 0
-        plan_path = os.path.join(args.out, "plan.json")
-        if os.path.exists(plan_path):  # a second call resumes the runs with the same schedule
-            with open(plan_path) as f:
-                plan = json.load(f)
-            if plan.get("dataset", "cifar10") != args.dataset:
-                raise PlanError(f"{plan_path} plans {plan.get('dataset', 'cifar10')} runs, not {args.dataset}: "
-                                f"give this dataset its own --out")
-            print(f"[plan] resuming with {plan_path}: {plan['epochs']} epochs per phase", flush=True)
-        else:
-            cluster_seconds, classify_seconds, startup = probe(runs, args, env, deadline)
-            epochs = choose_epochs(cluster_seconds, classify_seconds, startup, deadline - time.time(), most)
-            plan = {"dataset": args.dataset, "parallel": len(groups), "processes": groups, "epochs": epochs,
-                    "schedule_scale": epochs / paper_epochs, "epoch_seconds": cluster_seconds,
-                    "classify_epoch_seconds": classify_seconds, "startup_seconds": startup,
-                    "runs": [f"{v}:{s}" for v, s in runs]}
-            with open(plan_path + ".partial", "w") as f:
-                json.dump(plan, f, indent=2)
-            os.replace(plan_path + ".partial", plan_path)
-            print(f"[plan] {args.dataset}: one epoch {cluster_seconds:.1f} s (clustering) and {classify_seconds:.1f} s "
-                  f"(classification) with {len(groups)} processes going, start-up {startup:.0f} s: "
-                  f"{epochs} epochs per phase", flush=True)
+        plan = load_or_make_plan(runs, groups, args, env, deadline, paper_epochs, most)
         schedule = ["--schedule-scale", repr(plan["schedule_scale"])]
         procs = [launch(v, seeds, args.out, args, env, schedule) for v, seeds in plan.get("processes", groups)
                  if not all(os.path.exists(os.path.join(run_dir(args.out, v, s, args.prefix), "metrics.json"))
