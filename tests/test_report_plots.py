@@ -46,11 +46,11 @@ def test_aggregate_curves_by_hand():
 def test_read_history_last_row_of_a_repeated_epoch_wins(tmp_path):
     path = tmp_path / "classify_history.csv"
     path.write_text(CLASSIFY_HEADER + "\n0,0.1,0.01,1,0.50,1\n1,0.1,0.01,1,0.60,1\n1,0.1,0.01,1,0.65,1\n"
-                    "2,0.1,0.01,1,,1\n")
+                    "2,0.1,0.01,1,,1\n3,0.1,0.01,1,NA,1\n")
     history = histories.read_history(str(path))
-    np.testing.assert_array_equal(history["epoch"], [0, 1, 2])
+    np.testing.assert_array_equal(history["epoch"], [0, 1, 2, 3])
     np.testing.assert_allclose(history["val_accuracy"][:2], [0.50, 0.65])  # the resumed epoch 1's row
-    assert np.isnan(history["val_accuracy"][2])
+    assert np.isnan(history["val_accuracy"][2]) and np.isnan(history["val_accuracy"][3])  # "NA": metrics_every > 1
 
 
 def test_table_curves_equal_the_csv_values(runs):

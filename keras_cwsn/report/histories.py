@@ -14,11 +14,15 @@ CURVES = {
 }
 
 
+MISSING = (None, "", "NA")  # how a history CSV leaves a cell without a figure
+
+
 def read_history(path):
     """A Keras CSVLogger file as {column: float array}, one row per epoch (`epoch` counted from 0).
 
     Where an epoch appears more than once (a run resumed from an earlier checkpoint logs it again),
-    the last row wins. Empty cells read as NaN.
+    the last row wins. Empty cells and CSVLogger's "NA" (a figure not computed that epoch, as with
+    `metrics_every` > 1) read as NaN.
     """
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -31,7 +35,7 @@ def read_history(path):
     history = {"epoch": np.array(epochs, dtype=int)}
     for column in columns:
         if column != "epoch":
-            history[column] = np.array([float(by_epoch[e][column]) if by_epoch[e].get(column) not in (None, "")
+            history[column] = np.array([float(by_epoch[e][column]) if by_epoch[e].get(column) not in MISSING
                                         else np.nan for e in epochs], dtype=float)
     return history
 
