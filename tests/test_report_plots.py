@@ -171,3 +171,14 @@ def test_every_row_of_a_table_gets_its_own_line_style(labels):
     assert len({(s["color"], str(s["linestyle"])) for s in styles.values()}) == len(labels)
     plain = labels[1]  # the fewest settings: the variant's own colour, solid
     assert styles[plain] == {"color": "C0", "linestyle": "-"}
+
+
+def test_epochs_without_figures_are_left_out_of_a_curve_not_drawn_as_gaps():
+    mean = np.array([0.1, np.nan, 0.3, np.nan])  # figures every second epoch (metrics_every=2)
+    agg = {"epoch": np.arange(4), "mean": mean, "min": mean - 0.01, "max": mean + 0.01}
+    figure, ax = plots.import_pyplot().subplots()
+    plots._draw(ax, {"C": (agg, 2)}, "cluster_accuracy", {"C": {"color": "C0"}})
+    line, = ax.lines
+    np.testing.assert_array_equal(line.get_xdata(), [1, 3])
+    np.testing.assert_allclose(line.get_ydata(), [0.1, 0.3])
+    plots.import_pyplot().close(figure)

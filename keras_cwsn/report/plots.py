@@ -98,13 +98,15 @@ def _styles(labels):
 
 def _draw(ax, rows, figure, styles):
     for label, (agg, n) in rows.items():
-        x = agg["epoch"] + 1  # after epoch 1, 2, ...
+        measured = np.isfinite(agg["mean"])  # epochs without figures (`metrics_every` > 1) are left out, not gaps
+        x = agg["epoch"][measured] + 1  # after epoch 1, 2, ...
         style = styles[label]
         name = f"{label} (baseline)" if label == CLASSIFIER_VARIANT else label
-        ax.plot(x, agg["mean"], marker="o", markersize=3, label=f"{name} ({n} seed{'s' if n > 1 else ''})",
-                **style)
+        ax.plot(x, agg["mean"][measured], marker="o", markersize=3,
+                label=f"{name} ({n} seed{'s' if n > 1 else ''})", **style)
         if n > 1:
-            ax.fill_between(x, agg["min"], agg["max"], alpha=0.15, color=style["color"], linewidth=0)
+            ax.fill_between(x, agg["min"][measured], agg["max"][measured], alpha=0.15, color=style["color"],
+                            linewidth=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel(CURVES[figure][2])
     ax.grid(alpha=0.3)
