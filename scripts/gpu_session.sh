@@ -31,14 +31,7 @@ runs=${RUNS:-$(for v in ce A B C D; do for s in 0 1 2 3 4; do printf '%s:%s,' "$
 budget=${BUDGET:-400}
 check_seconds=${CHECK_SECONDS:-130}
 dataset=${DATASET:-cifar10}
-case "$dataset" in cub42) default_archive=carry/cub42-jpg.tar.gz ;; *) default_archive=carry/$dataset-train-jpg.tar.gz ;; esac
-archive_flags=()
-for a in ${ARCHIVE:-$default_archive}; do
-  [ -f "$a" ] || { echo "error: $a: no such file (copy its archive from ../shared/data/ to carry/ and carry it)" >&2; exit 2; }
-  archive_flags+=(--archive "$a")
-done
 python=${PYTHON:-python3}
-
 wheels=${WHEELS:-.whl}
 if ls "$wheels"/*.whl >/dev/null 2>&1; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
@@ -48,6 +41,15 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} PYTHONUNBUFFERED=1 KERAS_CWSN_CACHE=$work/cache
+# the archives: ARCHIVE, else the dataset's defaults as gpu_reproduce.py names them; all checked before the GPU is used
+default_archives=$("$python" -c "import sys; sys.path.insert(0, 'scripts'); import gpu_reproduce
+print(' '.join(gpu_reproduce.default_archives(sys.argv[1])))" "$dataset") || exit 2
+archive_flags=()
+for a in ${ARCHIVE:-$default_archives}; do
+  [ -f "$a" ] || { echo "error: $a: no such file (copy its archive from ../shared/data/ to carry/ and carry it)" >&2; exit 2; }
+  archive_flags+=(--archive "$a")
+done
+[ ${#archive_flags[@]} -gt 0 ] || { echo "error: DATASET=$dataset has no default archive: name it with ARCHIVE" >&2; exit 2; }
 
 { date -u; nproc; if command -v nvidia-smi >/dev/null; then nvidia-smi 2>&1 | head -15; else echo "no nvidia-smi"; fi
   "$python" -c "import keras; print('keras', keras.__version__, 'backend', keras.backend.backend())
