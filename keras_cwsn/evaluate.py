@@ -103,10 +103,9 @@ def _clusters(run_dir, split_data, stats, batch_size):
 
 
 def _cluster_figures(split_data, clusters, mapping, confusion):
-    from keras_cwsn.metrics import cluster_confusion, clustering_report, coarse_agreement
+    from keras_cwsn.metrics import cluster_confusion, hierarchy_cluster_report
 
-    figures = clustering_report(split_data.labels, clusters, mapping)
-    figures.update(coarse_agreement(split_data.labels, clusters, mapping, split_data.info.fine_to_coarse))
+    figures = hierarchy_cluster_report(split_data.labels, clusters, mapping, split_data.info.fine_to_coarse)
     if confusion:
         names = list(split_data.info.fine_names)
         counts = cluster_confusion(split_data.labels, clusters, mapping, num_classes=len(names))

@@ -115,6 +115,12 @@ def coarse_agreement(y_true, y_cluster, mapping, fine_to_coarse):
             "coarse_agreement_of_errors": float(np.mean(same[wrong])) if wrong.any() else None}
 
 
+def hierarchy_cluster_report(y_true, y_cluster, mapping, fine_to_coarse):
+    """`clustering_report` plus `coarse_agreement`: what training records of a clusterer and `evaluate` prints."""
+    return {**clustering_report(y_true, y_cluster, mapping),
+            **coarse_agreement(y_true, y_cluster, mapping, fine_to_coarse)}
+
+
 def pair_separability(train_features, train_second, eval_features, eval_second):
     """How well a linear classifier tells two classes apart on features: (train accuracy, eval accuracy).
 

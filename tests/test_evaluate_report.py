@@ -223,10 +223,10 @@ def test_evaluate_errors(tmp_path, capsys):
     assert "not a run folder: config.json is missing" in capsys.readouterr().err
 
 
-def _metrics(path, variant, seed, acc, cluster=None, **settings):
+def _metrics(path, variant, seed, acc, cluster=None, extra=None, **settings):
     config = {"dataset": "cifar10", "arch": "lenet", "double": False, "schedule_scale": 0.5, "variant": variant,
               "weight_decay_mode": "coupled", "init": "torch", **settings}
-    payload = {"config": config, "seed": seed, "classification_accuracy": acc}
+    payload = {"config": config, "seed": seed, "classification_accuracy": acc, "eval_split": "test", **(extra or {})}
     if cluster is not None:
         payload.update(cluster_accuracy=cluster, nmi=0.5, purity=0.6)
     os.makedirs(path, exist_ok=True)
@@ -309,3 +309,42 @@ def test_rows_read_the_recipe_from_the_datasets_config_file():
     assert tables.row_label({**DEFAULTS, "dataset": "cifar10", "arch": "lenet", "variant": "C", "init": "keras"}) \
         == "C keras-init"
     assert tables.row_label({**DEFAULTS, "dataset": "no-such-dataset", "variant": "A"}) == "A"  # DEFAULTS then
+
+
+def _row(table, label):
+    return next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+
+
+def test_a_stand_in_dataset_is_read_against_the_papers_rows_of_the_dataset_it_stands_in_for(tmp_path, capsys):
+    """cub42 runs Birdsnap34's protocol: its rows sit beside Birdsnap34's (Table 3; Table 4 for double width)."""
+    bird = {"dataset": "cub42", "arch": "alexnet", "init": "keras"}
+    for seed in (0, 1):
+        _metrics(tmp_path / "ce" / f"seed_{seed}", "ce", seed, 0.50 + 0.02 * seed, **bird)
+        _metrics(tmp_path / "c" / f"seed_{seed}", "C", seed, 0.52 + 0.02 * seed, cluster=0.1, **bird)
+        _metrics(tmp_path / "a2" / f"seed_{seed}", "A", seed, 0.40, cluster=0.05, double=True, **bird)
+    assert cli.main([str(tmp_path / d) for d in ("ce", "c", "a2")]) == 0
+    out = capsys.readouterr().out
+    single, double = out.split("### cub42 / alexnet (double)")
+    assert "paper, birdsnap34 (acc / NMI / purity / class.)" in single
+    assert "| 24.84 / 0.51 / 0.25 / 70.7 | -17.70 |" in _row(single, "C")  # 53.00 - 70.70
+    assert _row(single, "C").rstrip().endswith("| +2.00 (p = 0.29) |")
+    assert "| 22.93 / 0.49 / 0.23 / 59.24 | -19.24 |" in _row(double, "A")
+    assert "clusters in the true coarse class" not in out  # no run has the figure: no column
+
+
+def test_the_hierarchy_figure_gets_a_column_from_metrics_or_from_an_evaluate_file_on_the_same_split(tmp_path, capsys):
+    _metrics(tmp_path / "c" / "seed_0", "C", 0, 0.5, cluster=0.1, extra={"coarse_agreement": 0.20})
+    _metrics(tmp_path / "c" / "seed_1", "C", 1, 0.5, cluster=0.1)
+    with open(tmp_path / "c" / "seed_1" / "evaluate_test.json", "w") as f:
+        json.dump({"split": "test", "coarse_agreement": 0.30}, f)
+    _metrics(tmp_path / "c" / "seed_2", "C", 2, 0.5, cluster=0.1)
+    with open(tmp_path / "c" / "seed_2" / "evaluate_test.json", "w") as f:
+        json.dump({"split": "val", "coarse_agreement": 0.99}, f)  # evaluate_test.json made on another split: ignored
+    _metrics(tmp_path / "ce" / "seed_0", "ce", 0, 0.5)
+    assert cli.main([str(tmp_path / "c"), str(tmp_path / "ce")]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("| variant"))
+    assert header.split(" | ")[5] == "clusters in the true coarse class %"
+    assert _row(table, "C").split(" | ")[5] == "25.00 ± 7.07 (best 30.00)"  # seeds 0 and 1; seed 2 has none
+    assert _row(table, "ce").split(" | ")[5] == "—"
+    assert all(line.count("|") == header.count("|") for line in table.splitlines() if line.startswith("|"))

@@ -117,6 +117,8 @@ def test_saved_model_evaluate_and_predict_name_the_species(runs, birds, capsys):
     assert figures["num_examples"] == 2 * len(SPECIES)
     assert figures["classification_accuracy"] == pytest.approx(runs["D"]["classification_accuracy"])
     assert figures["cluster_accuracy"] <= figures["coarse_agreement"] <= 1  # a right species is a right family
+    for key in ("coarse_agreement", "coarse_agreement_of_errors"):  # training recorded the same on the same split
+        assert runs["D"][key] == pytest.approx(figures[key]), key
     folder = os.path.join(birds["tree"], "test", "Mallard")
     assert predict.main(["--model", os.path.join(run_dir, "classifier"), folder, "--json", "--top-k", "2"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]

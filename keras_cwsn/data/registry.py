@@ -38,6 +38,8 @@ class DatasetSpec:
             None (the network's).
         tfds_config: str or None. The TFDS name (CIFAR) or builder config (Birdsnap).
         summary: str. One line for `--help`.
+        paper_rows: str or None. The dataset of the paper's tables that `report` sets its rows beside
+            (None: its own name): a stand-in runs another dataset's protocol, so it is read against it.
     """
 
     name: str
@@ -50,6 +52,7 @@ class DatasetSpec:
     normalization: str = "yuv"
     tfds_config: str = None
     summary: str = ""
+    paper_rows: str = None
 
     @property
     def table_path(self):
@@ -69,7 +72,7 @@ DATASETS = {spec.name: spec for spec in (
                 (224, 224), "imagenet", "birdsnap34", summary="the paper's 34 species in 18 families"),
     DatasetSpec("cub42", "folder", "birdsnap34_alexnet.yaml", "cub42.tsv", "folder", "family", (224, 224),
                 "imagenet", summary="42 CUB-200-2011 species in 21 families, Birdsnap34's protocol; "
-                                    "--data-dir: the unpacked cub42 archive"),
+                                    "--data-dir: the unpacked cub42 archive", paper_rows="birdsnap34"),
     DatasetSpec("folder", "folder", None, None, None, None, None, None,
                 summary="your own: --data-dir DIR (DIR/train/<class>/*) --hierarchy TABLE --coarse-column C"),
     DatasetSpec("birdsnap", "birdsnap", "birdsnap_alexnet.yaml", "birdsnap500.tsv", "dir", "family",

@@ -15,22 +15,28 @@ from scipy import stats
 
 from keras_cwsn.config import KEYS, VALUES_BEFORE_THE_KEY, recipe_defaults
 from keras_cwsn.constants import FIGURES
+from keras_cwsn.data.registry import DATASETS
 from keras_cwsn.metrics import seed_std
 from keras_cwsn.report.histories import run_peak
 from keras_cwsn.variants import CLASSIFIER_VARIANT, VARIANTS
 
-# Table 3 of the paper (best of 5 runs): clustering accuracy %, NMI, purity, warm-start classification %.
-PAPER_TABLE3 = {
-    ("cifar10", "lenet"): {
+# The paper's Tables 3 (best of 5 runs) and 4 (double width), by (dataset, network, double): clustering
+# accuracy %, NMI, purity, warm-start classification %.
+PAPER_TABLES = {
+    ("cifar10", "lenet", False): {
         "ce": (None, None, None, 75.48), "A": (74.21, 0.55, 0.74, 75.75), "B": (72.66, 0.54, 0.73, 75.42),
         "C": (72.84, 0.55, 0.73, 75.11), "D": (74.17, 0.56, 0.74, 75.53),
     },
-    ("birdsnap34", "alexnet"): {
+    ("birdsnap34", "alexnet", False): {
         "ce": (None, None, None, 53.50), "A": (17.20, 0.39, 0.17, 50.32), "B": (20.38, 0.45, 0.20, 45.86),
         "C": (24.84, 0.51, 0.25, 70.70), "D": (22.29, 0.49, 0.22, 65.61),
     },
+    ("birdsnap34", "alexnet", True): {"A": (22.93, 0.49, 0.23, 59.24)},
 }
-PERCENT = {"cluster_accuracy", "classification_accuracy"}
+# Whether a clusterer's clusters follow the hierarchy (`metrics.coarse_agreement`): a column of its own in
+# the tables where a run has it (training records it; older runs may have it from `evaluate`).
+HIERARCHY_FIGURE = "coarse_agreement"
+PERCENT = {"cluster_accuracy", "classification_accuracy", HIERARCHY_FIGURE}
 VARIANT_ORDER = (CLASSIFIER_VARIANT, *VARIANTS)  # the baseline's row first, then the variant table's order
 
 
@@ -87,6 +93,19 @@ def table_rows(groups):
             for key in sorted({k[:4] for k in groups})]
 
 
+def paper_reference(table_key):
+    """(the paper's dataset a table is read against, its rows {variant: figures}); rows {} where the paper has none."""
+    dataset, arch, double = table_key[:3]
+    spec = DATASETS.get(dataset)
+    paper_dataset = (spec.paper_rows if spec else None) or dataset
+    return paper_dataset, PAPER_TABLES.get((paper_dataset, arch, double), {})
+
+
+def _paper_header(table_key, figures):
+    paper_dataset, _ = paper_reference(table_key)
+    return f"paper{'' if paper_dataset == table_key[0] else ', ' + paper_dataset} ({figures})"
+
+
 def table_title(table_key, scale_format=""):
     dataset, arch, double, scale = table_key
     return f"{dataset} / {arch}{' (double)' if double else ''}, schedule_scale {scale:{scale_format}}"
@@ -100,12 +119,24 @@ def group_runs(metric_files):
         with open(path) as f:
             m = json.load(f)
         m["run_dir"] = os.path.dirname(os.path.abspath(path))
+        _add_evaluated_hierarchy_figure(m)
         c = m["config"]
         data = json.dumps(c.get("synthetic") or {}, sort_keys=True) if c["dataset"] == "synthetic" else ""
         key = (c["dataset"] + (f" {data}" if data else ""), c["arch"], bool(c.get("double")),
                c.get("schedule_scale", 1.0), row_label(c))
         groups.setdefault(key, []).append(m)
     return groups
+
+
+def _add_evaluated_hierarchy_figure(m):
+    """A run recorded before training kept the hierarchy figure takes it from `evaluate_<split>.json` beside its
+    metrics.json (`python -m keras_cwsn.evaluate RUN --split S --json > RUN/evaluate_S.json`) on the same split."""
+    path = os.path.join(m["run_dir"], f"evaluate_{m.get('eval_split')}.json")
+    if m.get(HIERARCHY_FIGURE) is None and os.path.isfile(path):
+        with open(path) as f:
+            evaluated = json.load(f)
+        if evaluated.get("split") == m.get("eval_split"):
+            m[HIERARCHY_FIGURE] = evaluated.get(HIERARCHY_FIGURE)
 
 
 def _cell(values):
@@ -140,19 +171,25 @@ def markdown_table(groups):
     """One Markdown table per (dataset, network, schedule): ours (mean ± std, best) | paper | differences."""
     lines = []
     for key, labels in table_rows(groups):
-        paper = PAPER_TABLE3.get(key[:2], {})
-        lines += [f"### {table_title(key)}", "",
-                  "| variant | seeds | cluster acc. % | NMI | purity | warm-start class. acc. % | paper (acc / NMI / purity / class.) | ours − paper (class., mean) | ours − ce (class., Welch p) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [_table_row(groups, key, label, paper) for label in labels]
+        _, paper = paper_reference(key)
+        figures = list(FIGURES)
+        if any(r.get(HIERARCHY_FIGURE) is not None for label in labels for r in groups[key + (label,)]):
+            figures.insert(3, HIERARCHY_FIGURE)  # after purity: the clustering figures together
+        header = ["variant", "seeds", "cluster acc. %", "NMI", "purity", "warm-start class. acc. %",
+                  _paper_header(key, "acc / NMI / purity / class."), "ours − paper (class., mean)",
+                  "ours − ce (class., Welch p)"]
+        if HIERARCHY_FIGURE in figures:
+            header.insert(5, "clusters in the true coarse class %")
+        lines += [f"### {table_title(key)}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += [_table_row(groups, key, label, paper, figures) for label in labels]
         lines.append("")
     return "\n".join(lines)
 
 
-def _table_row(groups, key, label, paper):
+def _table_row(groups, key, label, paper, figures=FIGURES):
     runs = groups[key + (label,)]
     cells, means = [], {}
-    for figure in FIGURES:
+    for figure in figures:
         values = [r[figure] for r in runs if r.get(figure) is not None]
         if values:
             values = np.asarray(values, dtype=float) * (100.0 if figure in PERCENT else 1.0)
@@ -174,10 +211,10 @@ def peak_table(groups):
     """Markdown tables of each row's best-epoch figures: mean ± std (best) over seeds, and each seed's epoch."""
     lines = []
     for key, labels in table_rows(groups):
-        paper = PAPER_TABLE3.get(key[:2], {})
+        _, paper = paper_reference(key)
         lines += [f"### {table_title(key)}: best epoch",
                   "", "| variant | seeds | cluster acc. % at its best epoch | epochs | warm-start class. acc. % at "
-                  "its best epoch | epochs | last epoch (class., mean) | paper (acc / class.) |",
+                  f"its best epoch | epochs | last epoch (class., mean) | {_paper_header(key, 'acc / class.')} |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [_peak_row(sorted(groups[key + (label,)], key=lambda r: r["seed"]), label, paper) for label in labels]
         lines.append("")

@@ -19,7 +19,7 @@ from keras_cwsn.config import phase_settings
 from keras_cwsn.constants import CLUSTER_OUTPUT, FIGURES, LAST_LAYER, PREDICT_BATCH
 from keras_cwsn.errors import RunError
 from keras_cwsn.clustering_callback import ClusteringMetrics
-from keras_cwsn.metrics import clustering_report, hungarian_mapping, predict_clusters
+from keras_cwsn.metrics import hierarchy_cluster_report, hungarian_mapping, predict_clusters
 from keras_cwsn.models import build_model
 from keras_cwsn.variants import CLASSIFIER_OUTPUT, CLASSIFIER_VARIANT, variant_levels
 from keras_cwsn.optional import tensorflow_available
@@ -181,9 +181,10 @@ def save_clusterer(ctx, clusterer, settings, t0):
     mapping = hungarian_mapping(data.train.labels, train_clusters, num_clusters=ctx.info.num_fine,
                                 num_classes=ctx.info.num_fine)
     eval_clusters = predict_clusters(clusterer, data.images("eval"), CLUSTER_OUTPUT)
+    fine_to_coarse = ctx.info.fine_to_coarse  # with the coarse figures: do the clusters follow the hierarchy?
     cluster_result = {"mapping": mapping.tolist(), "epochs": settings["epochs"],
-                      "train": clustering_report(data.train.labels, train_clusters, mapping),
-                      "eval": clustering_report(data.evaluation.labels, eval_clusters, mapping),
+                      "train": hierarchy_cluster_report(data.train.labels, train_clusters, mapping, fine_to_coarse),
+                      "eval": hierarchy_cluster_report(data.evaluation.labels, eval_clusters, mapping, fine_to_coarse),
                       "seconds": round(time.time() - t0, 2)}
     clusterer_path = os.path.join(out, "clusterer.keras")
     with records.writing("the clusterer", clusterer_path):
@@ -199,7 +200,8 @@ def record_clustering(ctx, cluster_result):
     """Put the clustering figures into the run's results; returns the cluster -> class mapping."""
     ctx.results.update(cluster_result["eval"], train_cluster_accuracy=cluster_result["train"]["cluster_accuracy"])
     ctx.timings["cluster_s"] = cluster_result["seconds"]
-    ctx.say(f"[cluster] {ctx.data.eval_split}: " + ", ".join(f"{k} {v:.4f}" for k, v in cluster_result["eval"].items()))
+    ctx.say(f"[cluster] {ctx.data.eval_split}: " +
+            ", ".join(f"{k} {v:.4f}" for k, v in cluster_result["eval"].items() if v is not None))
     return np.asarray(cluster_result["mapping"])
 
 
