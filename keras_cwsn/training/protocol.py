@@ -165,8 +165,7 @@ def finished_clusterer(ctx):
 
 def new_clusterer(ctx):
     """A fresh compiled clusterer, its phase settings, and the callback that logs its per-epoch figures."""
-    config, data = ctx.config, ctx.data
-    settings = phase_settings(config, "cluster")
+    config, data, settings = ctx.config, ctx.data, phase_settings(ctx.config, "cluster")
     clusterer = _build(ctx, config["variant"], settings, "cluster")
     sample_x, sample_y = data.train_sample(config["metrics_sample"], config["seed"])
     monitor = ClusteringMetrics(data.images("eval"), data.evaluation.labels, output=CLUSTER_OUTPUT, prefix="val_",
@@ -200,8 +199,7 @@ def record_clustering(ctx, cluster_result):
     """Put the clustering figures into the run's results; returns the cluster -> class mapping."""
     ctx.results.update(cluster_result["eval"], train_cluster_accuracy=cluster_result["train"]["cluster_accuracy"])
     ctx.timings["cluster_s"] = cluster_result["seconds"]
-    ctx.say(f"[cluster] {ctx.data.eval_split}: " +
-            ", ".join(f"{k} {v:.4f}" for k, v in cluster_result["eval"].items() if v is not None))
+    ctx.say(f"[cluster] {ctx.data.eval_split}: " + ", ".join(f"{k} {v:.4f}" for k, v in cluster_result["eval"].items() if v is not None))
     return np.asarray(cluster_result["mapping"])
 
 
