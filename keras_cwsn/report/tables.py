@@ -37,6 +37,9 @@ PAPER_TABLES = {
 # the tables where a run has it (training records it; older runs may have it from `evaluate`).
 HIERARCHY_FIGURE = "coarse_agreement"
 PERCENT = {"cluster_accuracy", "classification_accuracy", HIERARCHY_FIGURE}
+FIGURE_HEADERS = {"cluster_accuracy": "cluster acc. %", "nmi": "NMI", "purity": "purity",
+                  HIERARCHY_FIGURE: "clusters in the true coarse class %",
+                  "classification_accuracy": "warm-start class. acc. %"}
 VARIANT_ORDER = (CLASSIFIER_VARIANT, *VARIANTS)  # the baseline's row first, then the variant table's order
 
 
@@ -101,9 +104,8 @@ def paper_reference(table_key):
     return paper_dataset, PAPER_TABLES.get((paper_dataset, arch, double), {})
 
 
-def _paper_header(table_key, figures):
-    paper_dataset, _ = paper_reference(table_key)
-    return f"paper{'' if paper_dataset == table_key[0] else ', ' + paper_dataset} ({figures})"
+def _paper_header(dataset, paper_dataset, figures):
+    return f"paper{'' if paper_dataset == dataset else ', ' + paper_dataset} ({figures})"
 
 
 def table_title(table_key, scale_format=""):
@@ -171,22 +173,20 @@ def markdown_table(groups):
     """One Markdown table per (dataset, network, schedule): ours (mean ± std, best) | paper | differences."""
     lines = []
     for key, labels in table_rows(groups):
-        _, paper = paper_reference(key)
+        paper_dataset, paper = paper_reference(key)
         figures = list(FIGURES)
         if any(r.get(HIERARCHY_FIGURE) is not None for label in labels for r in groups[key + (label,)]):
             figures.insert(3, HIERARCHY_FIGURE)  # after purity: the clustering figures together
-        header = ["variant", "seeds", "cluster acc. %", "NMI", "purity", "warm-start class. acc. %",
-                  _paper_header(key, "acc / NMI / purity / class."), "ours − paper (class., mean)",
+        header = ["variant", "seeds", *(FIGURE_HEADERS[f] for f in figures),
+                  _paper_header(key[0], paper_dataset, "acc / NMI / purity / class."), "ours − paper (class., mean)",
                   "ours − ce (class., Welch p)"]
-        if HIERARCHY_FIGURE in figures:
-            header.insert(5, "clusters in the true coarse class %")
         lines += [f"### {table_title(key)}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         lines += [_table_row(groups, key, label, paper, figures) for label in labels]
         lines.append("")
     return "\n".join(lines)
 
 
-def _table_row(groups, key, label, paper, figures=FIGURES):
+def _table_row(groups, key, label, paper, figures):
     runs = groups[key + (label,)]
     cells, means = [], {}
     for figure in figures:
@@ -211,10 +211,11 @@ def peak_table(groups):
     """Markdown tables of each row's best-epoch figures: mean ± std (best) over seeds, and each seed's epoch."""
     lines = []
     for key, labels in table_rows(groups):
-        _, paper = paper_reference(key)
+        paper_dataset, paper = paper_reference(key)
+        paper_header = _paper_header(key[0], paper_dataset, "acc / class.")
         lines += [f"### {table_title(key)}: best epoch",
                   "", "| variant | seeds | cluster acc. % at its best epoch | epochs | warm-start class. acc. % at "
-                  f"its best epoch | epochs | last epoch (class., mean) | {_paper_header(key, 'acc / class.')} |",
+                  f"its best epoch | epochs | last epoch (class., mean) | {paper_header} |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [_peak_row(sorted(groups[key + (label,)], key=lambda r: r["seed"]), label, paper) for label in labels]
         lines.append("")
