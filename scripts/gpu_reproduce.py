@@ -4,8 +4,10 @@
 bird protocol on AlexNet), its network and Appendix B's settings from its config file, as train.py
 takes them. A batch-16 LeNet uses a sliver of an H100, so the runs share the card: one process per variant,
 whose seeds train together in one compiled program (`train.py --seeds`, docs/many-seeds.md), or
-with `--separate-seeds` one process per run; each process gets `XLA_PYTHON_CLIENT_MEM_FRACTION` =
-0.9 / processes. The device machines lent here allow one command
+with `--separate-seeds` one process per run. The processes take device memory as they need it
+(`XLA_PYTHON_CLIENT_PREALLOCATE=false`, each capped at 0.9 of the card) rather than an equal share
+each: AlexNet A clusters at batch 1024, 8x B-D's batch. A variant whose probe fails (diverged, out of
+memory) is left out of the plan and the others go on. The device machines lent here allow one command
 10 minutes and a session 15 minutes in all, so the script first measures one epoch with every
 process running, then picks the number of epochs per phase that fits the budget (the paper's 95 at
 most, as `--schedule-scale E/P` with P the paper's epochs for the dataset, 95 for CIFAR-10 and 195
@@ -161,9 +163,39 @@ def history(path):
         return list(csv.DictReader(f))
 
 
+def probe_figures(runs, out, prefix):
+    """From the probe's histories: the slowest second epoch of each phase, each run's seconds spent, and the
+    variants whose probe failed (a run without its two epochs per phase: diverged, out of memory, ...)."""
+    epochs, spent, failed = {phase: [0.0] for phase in PHASES}, [], {}
+    for v, s in runs:
+        directory = run_dir(out, v, s, prefix)
+        rows = {phase: history(os.path.join(directory, f"{phase}_history.csv")) for phase in PHASES}
+        if (v != "ce" and len(rows["cluster"]) < 2) or len(rows["classify"]) < 2:
+            log = os.path.join(directory, "train.log")  # one seed's process; several seeds log in the parent
+            failed.setdefault(v, log if os.path.exists(log) else os.path.join(os.path.dirname(directory), "train.log"))
+            continue
+        for phase in PHASES:
+            if rows[phase]:
+                epochs[phase].append(float(rows[phase][1]["epoch_seconds"]))
+        spent.append(sum(float(r["epoch_seconds"]) for phase in rows.values() for r in phase))
+    return {phase: max(seconds) for phase, seconds in epochs.items()}, spent, failed
+
+
+def last_error(log_path):
+    """The log's last line that starts with 'error:' (train.py's one-line failures), else its last line."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return "no log"
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["empty log"])[-1]
+
+
 def probe(runs, args, env, deadline):
     """Seconds of one epoch of each phase (the second: the first compiles) with every process running, the
-    slowest run's, and start-up seconds. The phases differ in batch size and steps (AlexNet: 128 and 16)."""
+    slowest run's, start-up seconds, and {variant: log} of the variants whose probe failed (they are left
+    out of the plan; the others go on). The phases differ in batch size and steps (AlexNet: 128 and 16)."""
     out = os.path.join(args.out, "probe")
     start = time.time()
     procs = [launch(v, seeds, out, args, env, ["--cluster-epochs", "2", "--classify-epochs", "2"])
@@ -171,17 +203,11 @@ def probe(runs, args, env, deadline):
     if wait_all(procs, deadline):
         raise PlanError(f"the probe (2 + 2 epochs per run) did not finish inside the budget; logs in {out}")
     wall = time.time() - start
-    epochs, spent = {phase: [0.0] for phase in PHASES}, []
-    for v, s in runs:
-        directory = run_dir(out, v, s, args.prefix)
-        rows = {phase: history(os.path.join(directory, f"{phase}_history.csv")) for phase in PHASES}
-        if (v != "ce" and len(rows["cluster"]) < 2) or len(rows["classify"]) < 2:
-            raise PlanError(f"the probe run {v}:{s} failed; see {os.path.join(directory, 'train.log')}")
-        for phase in PHASES:
-            if rows[phase]:
-                epochs[phase].append(float(rows[phase][1]["epoch_seconds"]))
-        spent.append(sum(float(r["epoch_seconds"]) for phase in rows.values() for r in phase))
-    return max(epochs["cluster"]), max(epochs["classify"]), max(wall - min(spent), 0.0)
+    slowest, spent, failed = probe_figures(runs, out, args.prefix)
+    if not spent:
+        raise PlanError("every probe run failed: " + "; ".join(f"{v}: {last_error(log)} ({log})"
+                                                               for v, log in failed.items()))
+    return slowest["cluster"], slowest["classify"], max(wall - min(spent), 0.0), failed
 
 
 def choose_epochs(cluster_seconds, classify_seconds, startup_seconds, seconds_left, most, margin=30.0):
@@ -195,12 +221,14 @@ def choose_epochs(cluster_seconds, classify_seconds, startup_seconds, seconds_le
     return min(fit, most)
 
 
-def summary_rows(out, runs, prefix):
+def summary_rows(out, runs, prefix, left_out=()):
     rows = []
     for v, s in runs:
         directory = run_dir(out, v, s, prefix)
         metrics = os.path.join(directory, "metrics.json")
-        if os.path.exists(metrics):
+        if v in left_out:
+            rows.append((v, s, "left out: its probe failed", None, None, None))
+        elif os.path.exists(metrics):
             with open(metrics) as f:
                 m = json.load(f)
             rows.append((v, s, "finished", m.get("cluster_accuracy"), m.get("nmi"), m.get("classification_accuracy")))
@@ -248,9 +276,13 @@ def load_or_make_plan(runs, groups, args, env, deadline, paper_epochs, most):
                             f"give this dataset its own --out")
         print(f"[plan] resuming with {plan_path}: {plan['epochs']} epochs per phase", flush=True)
         return plan
-    cluster_seconds, classify_seconds, startup = probe(runs, args, env, deadline)
+    cluster_seconds, classify_seconds, startup, failed = probe(runs, args, env, deadline)
+    for variant, log in failed.items():
+        print(f"[plan] {variant} left out: its probe failed: {last_error(log)} ({log})", flush=True)
+    groups = [(v, seeds) for v, seeds in groups if v not in failed]
     epochs = choose_epochs(cluster_seconds, classify_seconds, startup, deadline - time.time(), most)
     plan = {"dataset": args.dataset, "parallel": len(groups), "processes": groups, "epochs": epochs,
+            "left_out": {v: last_error(log) for v, log in failed.items()},
             "schedule_scale": epochs / paper_epochs, "epoch_seconds": cluster_seconds,
             "classify_epoch_seconds": classify_seconds, "startup_seconds": startup,
             "runs": [f"{v}:{s}" for v, s in runs]}
@@ -294,7 +326,7 @@ def main(argv=None):
         if args.archive or not os.path.isdir(os.path.join(args.data_dir, "train")):  # else a folder given as it is
             unpack(args.archive or default_archives(args.dataset), args.data_dir, args.dataset)
         groups = process_groups(runs, not args.separate_seeds)
-        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(groups):.3f}",
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", XLA_PYTHON_CLIENT_MEM_FRACTION="0.9",
                    KERAS_CWSN_CACHE=os.environ.get("KERAS_CWSN_CACHE", os.path.join(args.out, "cache")))
         warm_cache(args.data_dir, env, args.dataset)
         if args.prepare_only:
@@ -309,7 +341,9 @@ def main(argv=None):
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary(summary_rows(args.out, runs, args.prefix), plan)
+    print_summary(summary_rows(args.out, runs, args.prefix, plan.get("left_out", {})), plan)
+    for variant, reason in plan.get("left_out", {}).items():
+        print(f"{variant} left out, its probe: {reason}")
     if args.collect:
         collect(args.out, runs, args.collect, args.prefix)
         print(f"small files of every run: {args.collect}")

@@ -176,3 +176,48 @@ def test_the_bird_protocol_runs_on_alexnet_with_the_papers_195_epochs(bird_archi
         assert metrics["config"]["alexnet_bn"] is True and metrics["eval_split"] == "test"
         assert metrics["num_eval"] == 42
     assert capsys.readouterr().out.count("finished") == 2
+
+
+def write_history(path, seconds):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("epoch,epoch_seconds\n" + "".join(f"{i},{s}\n" for i, s in enumerate(seconds)))
+
+
+def test_a_failed_probe_run_leaves_out_its_variant_and_times_the_others(tmp_path):
+    out = str(tmp_path)
+    prefix = "cub42-alexnet-gpu"
+    for seed in (0, 1):  # C trained both phases, two epochs each
+        directory = gpu_reproduce.run_dir(out, "C", seed, prefix)
+        write_history(os.path.join(directory, "cluster_history.csv"), [9.0, 3.0 + seed])
+        write_history(os.path.join(directory, "classify_history.csv"), [8.0, 2.0])
+    write_history(os.path.join(gpu_reproduce.run_dir(out, "ce", 0, prefix), "classify_history.csv"), [5.0, 1.5])
+    log = os.path.join(out, f"{prefix}-A", "train.log")  # A's seeds trained together: their log is the parent's
+    os.makedirs(os.path.dirname(log))
+    with open(log, "w") as f:
+        f.write("[cluster] phase 1 of 2\nerror: Training diverged in the cluster phase at epoch 1\n[summary] x\n")
+    slowest, spent, failed = gpu_reproduce.probe_figures([("A", 0), ("A", 1), ("C", 0), ("C", 1), ("ce", 0)], out,
+                                                         prefix)
+    assert slowest == {"cluster": 4.0, "classify": 2.0}
+    assert sorted(spent) == [6.5, 22.0, 23.0]
+    assert failed == {"A": log}
+    assert gpu_reproduce.last_error(log) == "error: Training diverged in the cluster phase at epoch 1"
+    assert gpu_reproduce.last_error(os.path.join(out, "missing.log")) == "no log"
+    rows = gpu_reproduce.summary_rows(out, [("A", 0), ("C", 0)], prefix, {"A": "error: ..."})
+    assert rows[0][2] == "left out: its probe failed" and rows[1][2].startswith("stopped")
+
+
+@pytest.mark.heavy
+@only_on_backend("jax", "the script drives train.py on the GPU machines, which have JAX only")
+def test_a_variant_that_diverges_in_the_probe_does_not_stop_the_others(archive, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KERAS_CWSN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    argv = ["--archive", archive, "--out", str(out), "--runs", "A:0,ce:0", "--budget-seconds", "500",
+            "--max-epochs", "1", *TINY, "--set", "cluster.learning_rate=1.0e+30"]  # only A has a clustering phase
+    assert gpu_reproduce.main(argv) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    assert [v for v, _ in plan["processes"]] == ["ce"] and list(plan["left_out"]) == ["A"]
+    assert "diverged" in plan["left_out"]["A"]
+    assert (out / "cifar10-lenet-gpu-ce" / "seed_0" / "metrics.json").exists()
+    assert "left out: its probe failed" in printed and "A left out, its probe: error:" in printed
