@@ -277,12 +277,13 @@ def load_or_make_plan(runs, groups, args, env, deadline, paper_epochs, most):
         print(f"[plan] resuming with {plan_path}: {plan['epochs']} epochs per phase", flush=True)
         return plan
     cluster_seconds, classify_seconds, startup, failed = probe(runs, args, env, deadline)
-    for variant, log in failed.items():
-        print(f"[plan] {variant} left out: its probe failed: {last_error(log)} ({log})", flush=True)
+    left_out = {v: last_error(log) for v, log in failed.items()}  # each log read once
+    for variant, reason in left_out.items():
+        print(f"[plan] {variant} left out: its probe failed: {reason} ({failed[variant]})", flush=True)
     groups = [(v, seeds) for v, seeds in groups if v not in failed]
     epochs = choose_epochs(cluster_seconds, classify_seconds, startup, deadline - time.time(), most)
     plan = {"dataset": args.dataset, "parallel": len(groups), "processes": groups, "epochs": epochs,
-            "left_out": {v: last_error(log) for v, log in failed.items()},
+            "left_out": left_out,
             "schedule_scale": epochs / paper_epochs, "epoch_seconds": cluster_seconds,
             "classify_epoch_seconds": classify_seconds, "startup_seconds": startup,
             "runs": [f"{v}:{s}" for v, s in runs]}
