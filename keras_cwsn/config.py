@@ -320,7 +320,8 @@ def _over_defaults(config, dataset=None):
         for key in config.get(phase) or {}:
             if key not in PHASE_SCHEMA:
                 raise _unknown(key, PHASE_SCHEMA, f"{phase}.")
-    name = config.get("dataset") or dataset or "synthetic"
+    # A hierarchy table names your own data, as `--hierarchy` alone does on the command line.
+    name = config.get("dataset") or dataset or ("folder" if config.get("hierarchy") else "synthetic")
     if name not in DATASETS:  # named, with a suggestion, by validate
         return config
     base = _read_file(default_config_path(name, config.get("arch")))

@@ -19,6 +19,7 @@ BATCHNORMS = {"keras": (0.99, 1e-3), "torch": (0.9, 1e-5)}
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 EVAL_SPLITS = ("val", "test")
+HIERARCHY_SNAPSHOT = "hierarchy_table"  # a run's copy of the user's hierarchy table (.tsv or .csv) beside config.json
 # Each network's input size and normalisation, which a folder dataset takes unless its config says otherwise:
 # LeNet as on CIFAR-10 (Hsu & Kira's YUV), AlexNet as on Birdsnap (ImageNet mean and std).
 NETWORK_INPUTS = {"lenet": ((32, 32), "yuv"), "alexnet": ((224, 224), "imagenet")}

@@ -1,6 +1,7 @@
 """Evaluate a run's exported classifier and clusterer on any folder of class sub-folders.
 
     python -m keras_cwsn.evaluate RUN --data-dir DIR --split test [--json] [--confusion] [--probe A,B]
+                                  [--restat-batchnorm]
 
 The classifier is the SavedModel (raw uint8 images in, preprocessing inside); the clusterer is
 `clusterer.keras`, fed with the run's own training statistics, and its clusters are mapped to
@@ -21,7 +22,8 @@ from keras_cwsn.constants import CLUSTER_OUTPUT, MODEL_INFO_ASSET, PREDICT_BATCH
 from keras_cwsn.errors import print_error
 
 
-def evaluate_run(run_dir, data_dir=None, split="test", batch_size=PREDICT_BATCH, confusion=False, probe=None):
+def evaluate_run(run_dir, data_dir=None, split="test", batch_size=PREDICT_BATCH, confusion=False, probe=None,
+                 restat_batchnorm=False):
     """Classification accuracy and clustering figures of a run on a split; returns a dict.
 
     A run still in its classification phase gives its clusterer's figures alone (no
@@ -32,15 +34,21 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=PREDICT_BATCH,
     With `probe` (two class names), also "probe": {"classes": [a, b], "layers": {layer: {"train": acc,
     split: acc}}}: a linear probe of the two classes on each hidden fc layer of the clusterer
     (`metrics.pair_separability`), fitted on the run's training split.
+    With `restat_batchnorm`, the clusterer's BatchNorm statistics are first re-estimated on the run's
+    training split (`restat_batchnorm`) and its mapping refitted there: "batchnorm_restat" is then True.
     """
     from keras_cwsn import data as data_lib
     from keras_cwsn.training.inputs import load_training_split
+    from keras_cwsn.training.records import table_snapshot
 
-    clusterer_done = _check_run_folder(run_dir, confusion=confusion, probe=probe)
+    clusterer_done = _check_run_folder(run_dir, confusion=confusion, probe=probe, restat=restat_batchnorm)
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
+    config["hierarchy"] = table_snapshot(run_dir) or config.get("hierarchy")  # the table as it trained, if kept
     split_data = data_lib.load_split(data_lib.dataset_spec(config), split, data_dir=data_dir or config["data_dir"],
-                                     val_per_class=config["val_per_class"], synthetic=config["synthetic"])
+                                     val_per_class=config["val_per_class"], synthetic=config["synthetic"],
+                                     every_class=False)  # a folder with some of the classes is fine to evaluate on
+    _check_class_names(run_dir, split_data.info.fine_names)
     pair = _class_ids(probe, split_data.info.fine_names) if probe else None
     load_training = functools.cache(lambda: load_training_split(config, data_dir))  # loaded once, if at all
     stats = run_stats(run_dir, config, load_training)
@@ -50,14 +58,17 @@ def evaluate_run(run_dir, data_dir=None, split="test", batch_size=PREDICT_BATCH,
     if os.path.exists(classifier_dir):
         figures["classification_accuracy"] = _classifier_accuracy(classifier_dir, split_data, batch_size)
     if clusterer_done:
-        clusterer, clusters, mapping = _clusters(run_dir, split_data, stats, batch_size)
+        clusterer, clusters, mapping = _clusters(run_dir, split_data, stats, batch_size,
+                                                 load_training() if restat_batchnorm else None)
         figures.update(_cluster_figures(split_data, clusters, mapping, confusion))
+        if restat_batchnorm:
+            figures["batchnorm_restat"] = True
         if pair:
             figures["probe"] = _probe(clusterer, pair, load_training(), stats, split_data, batch_size)
     return figures
 
 
-def _check_run_folder(run_dir, confusion=False, probe=None):
+def _check_run_folder(run_dir, confusion=False, probe=None, restat=False):
     """Refuse a folder that can't answer what is asked; returns whether its clusterer is finished."""
     clusterer_done = all(os.path.exists(os.path.join(run_dir, name))
                          for name in ("clusterer.keras", "cluster_result.json"))  # written in this order
@@ -66,11 +77,31 @@ def _check_run_folder(run_dir, confusion=False, probe=None):
     if not os.path.exists(os.path.join(run_dir, "classifier")) and not clusterer_done:
         raise FileNotFoundError(f"{run_dir} is not a finished run: classifier/ is missing, and so is a finished "
                                 "clusterer (clusterer.keras and cluster_result.json).")
-    for wanted, flag in ((confusion, "--confusion"), (probe, "--probe")):
+    for wanted, flag in ((confusion, "--confusion"), (probe, "--probe"), (restat, "--restat-batchnorm")):
         if wanted and not clusterer_done:
             raise FileNotFoundError(f"{run_dir} has no finished clusterer (clusterer.keras and cluster_result.json): "
                                     f"{flag} needs a clusterer.")
     return clusterer_done
+
+
+def _trained_class_names(run_dir):
+    """The class names in the run's id order, from metrics.json or the exported classifier (None if neither)."""
+    for path, key in ((os.path.join(run_dir, "metrics.json"), "class_names"),
+                      (os.path.join(run_dir, "classifier", "assets", MODEL_INFO_ASSET), "class_names")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f).get(key)
+    return None
+
+
+def _check_class_names(run_dir, names):
+    """Refuse labels that would not be the run's: class ids are the hierarchy table's row order when it trained."""
+    trained = _trained_class_names(run_dir)
+    if trained is not None and list(trained) != list(names):
+        what = "the same classes in another order" if sorted(trained) == sorted(names) else "other classes"
+        raise ValueError(f"{run_dir} was trained on {len(trained)} classes, and its dataset now lists {what} "
+                         f"({len(names)}): has its hierarchy table changed since? Evaluate with the table it "
+                         f"trained with (the run keeps a copy as hierarchy_table.tsv/.csv from this version on).")
 
 
 def _classifier_accuracy(classifier_dir, split_data, batch_size):
@@ -86,20 +117,52 @@ def _classifier_accuracy(classifier_dir, split_data, batch_size):
     return float(np.mean(predicted == split_data.labels))
 
 
-def _clusters(run_dir, split_data, stats, batch_size):
-    """(the clusterer, each image's cluster, the run's cluster -> class mapping)."""
+def _clusters(run_dir, split_data, stats, batch_size, restat_on=None):
+    """(the clusterer, each image's cluster, the run's cluster -> class mapping); with `restat_on` (the
+    training split), BatchNorm statistics re-estimated there and the mapping refitted there."""
     import keras
     import numpy as np
 
     import keras_cwsn.losses  # noqa: F401  registers PairwiseKLLoss
     from keras_cwsn import data as data_lib
-    from keras_cwsn.metrics import predict_clusters
+    from keras_cwsn.metrics import hungarian_mapping, predict_clusters
 
     with open(os.path.join(run_dir, "cluster_result.json")) as f:
         mapping = np.asarray(json.load(f)["mapping"])
     clusterer = keras.saving.load_model(os.path.join(run_dir, "clusterer.keras"), compile=False)
+    if restat_on is not None:
+        training_images = data_lib.make_pipeline(restat_on, stats, batch_size, images_only=True)
+        restat_batchnorm(clusterer, training_images)
+        mapping = hungarian_mapping(restat_on.labels, predict_clusters(clusterer, training_images, CLUSTER_OUTPUT),
+                                    num_clusters=len(mapping))
     images = data_lib.make_pipeline(split_data, stats, batch_size, images_only=True)
     return clusterer, predict_clusters(clusterer, images, CLUSTER_OUTPUT), mapping
+
+
+def restat_batchnorm(model, batches):
+    """Replace every BatchNorm layer's moving statistics by their average over `batches` under the model's
+    present weights (batch-size weighted: the moving mean becomes the mean over every image).
+
+    A diagnostic: Keras's momentum (0.99) averages over the last few hundred steps, so a model trained
+    for a few hundred steps in all (an AlexNet epoch on 1,196 bird images is 9 clustering steps) keeps
+    statistics of earlier weights and of the initialisation; this asks what the weights give without that lag.
+    """
+    import keras
+
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers:
+        raise ValueError("The model has no BatchNormalization layer: there are no statistics to re-estimate.")
+    momenta, seen = [layer.momentum for layer in layers], 0
+    try:
+        for batch in batches:
+            size = int(keras.ops.shape(batch)[0])
+            for layer in layers:  # new = old * seen / (seen + size) + batch * size / (seen + size)
+                layer.momentum = seen / (seen + size)
+            model(batch, training=True)
+            seen += size
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
 
 
 def _cluster_figures(split_data, clusters, mapping, confusion):
@@ -208,13 +271,17 @@ def main(argv=None):
     parser.add_argument("--probe", default=None, metavar="A,B",
                         help="two class names: how well a linear probe on each hidden fc layer of the clusterer "
                              "tells them apart (e.g. two classes --confusion shows in one cluster)")
+    parser.add_argument("--restat-batchnorm", action="store_true",
+                        help="first re-estimate the clusterer's BatchNorm statistics on the run's training split and "
+                             "refit its mapping there (a diagnostic of moving averages left behind by the weights)")
     args = parser.parse_args(argv)
     from keras_cwsn.optional import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     try:
         probe = [name.strip() for name in args.probe.split(",")] if args.probe else None
-        figures = evaluate_run(args.run, args.data_dir, args.split, confusion=args.confusion, probe=probe)
+        figures = evaluate_run(args.run, args.data_dir, args.split, confusion=args.confusion, probe=probe,
+                               restat_batchnorm=args.restat_batchnorm)
     except (OSError, ValueError) as e:
         print_error(e)
         return 2

@@ -172,8 +172,8 @@ class _ServingGraph:
                 "serve_jpeg could not decode image {} of the batch of {} ({} bytes): not a JPEG, PNG, GIF, BMP "
                 "or WebP image.", (index, count, tf.strings.length(data)))])
             with tf.control_dependencies([check]):
-                image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-            return self.to_model_size(tf.ensure_shape(image, [None, None, 3]))
+                image = preprocess.decode_rgb(data)
+            return self.to_model_size(image)
 
         images = tf.map_fn(decode, (tf.range(count), image_bytes),
                            fn_output_signature=tf.TensorSpec([self.height, self.width, 3], tf.float32))

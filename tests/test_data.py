@@ -77,7 +77,7 @@ def test_folder_skips_undecodable_files_and_counts_them(tmp_path, capsys):
     assert len(labels) == 30
     assert sorted(os.path.basename(p) for p in report["skipped_undecodable"]) == ["broken.jpg", "empty.jpg"]
     assert report["non_image_files"] == 1
-    assert "skipped 2 undecodable" in capsys.readouterr().out
+    assert "skipped 2 undecodable" in capsys.readouterr().err  # a diagnostic, off stdout
 
 
 
@@ -278,3 +278,20 @@ def test_pipeline_refuses_augment_on_an_in_memory_split_instead_of_ignoring_it()
     stats = data.preprocessing_stats(split, verbose=False)
     with pytest.raises(ValueError, match="augment=True crops streamed splits only"):
         data.make_pipeline(split, stats, 8, {"fine_fc3": "fine"}, training=True, augment=True)
+
+
+def test_images_with_alpha_or_grey_with_alpha_decode_to_their_rgb(tmp_path):
+    """A WebP with alpha (which `decode_image(channels=3)` refuses) and a grey PNG with alpha train, not skip."""
+    pytest.importorskip("tensorflow")
+    from PIL import Image
+
+    from keras_cwsn.data.folder import decode_files
+
+    rgba = np.random.default_rng(0).integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.webp", "WEBP", lossless=True, exact=True)
+    Image.fromarray(rgba[..., :2], "LA").save(tmp_path / "b.png")
+    images, labels, skipped = decode_files([str(tmp_path / "a.webp"), str(tmp_path / "b.png")], np.array([0, 1]),
+                                           (6, 5), decoder="tensorflow")
+    assert skipped == [] and list(labels) == [0, 1]
+    np.testing.assert_array_equal(images[0], rgba[..., :3])
+    np.testing.assert_array_equal(images[1], np.repeat(rgba[..., :1], 3, axis=-1))

@@ -348,3 +348,32 @@ def test_the_hierarchy_figure_gets_a_column_from_metrics_or_from_an_evaluate_fil
     assert _row(table, "C").split(" | ")[5] == "25.00 ± 7.07 (best 30.00)"  # seeds 0 and 1; seed 2 has none
     assert _row(table, "ce").split(" | ")[5] == "—"
     assert all(line.count("|") == header.count("|") for line in table.splitlines() if line.startswith("|"))
+
+
+def test_restat_batchnorm_makes_the_moving_mean_the_mean_over_every_image_and_refits_the_mapping(cifar_run, capsys):
+    import keras
+
+    from keras_cwsn import data
+    from keras_cwsn.data import preprocess
+
+    root, run_dir = cifar_run
+    clusterer = keras.saving.load_model(os.path.join(run_dir, "clusterer.keras"), compile=False)
+    with open(os.path.join(run_dir, "classifier", "assets", "cwsn_model_info.json")) as f:
+        stats = json.load(f)["preprocessing"]
+    train_split = data.load_split("cifar10", "train", data_dir=str(root / "train_data"), val_per_class=VAL_PER_CLASS,
+                                  verbose=False)
+    x = np.asarray(preprocess.preprocess(train_split.images, stats["normalization"], stats))
+    first_bn = next(layer for layer in clusterer.layers if isinstance(layer, keras.layers.BatchNormalization))
+    # The first BN's input comes through layers without BatchNorm or dropout: the same in both modes.
+    bn_input = keras.Model(clusterer.input, first_bn.input).predict(x, verbose=0)
+    batches = [x[i:i + 7] for i in range(0, len(x), 7)]  # a ragged last batch: weighted by size
+    evaluate.restat_batchnorm(clusterer, batches)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(first_bn.moving_mean),
+                               bn_input.reshape(-1, bn_input.shape[-1]).mean(axis=0), rtol=1e-4, atol=1e-5)
+    assert first_bn.momentum == 0.99  # put back
+    assert evaluate.main([run_dir, "--data-dir", str(root / "train_data"), "--split", "val", "--json",
+                          "--restat-batchnorm"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["batchnorm_restat"] is True and 0 <= figures["cluster_accuracy"] <= 1
+    with pytest.raises(ValueError, match="no BatchNormalization"):
+        evaluate.restat_batchnorm(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]), [np.zeros((1, 2))])

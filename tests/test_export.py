@@ -8,6 +8,7 @@ statistics computed here from the training split: nothing on the reference side 
 SavedModel or from the preprocessing code inside it.
 """
 
+import io
 import json
 import os
 import re
@@ -92,6 +93,15 @@ def _png(array):
     return tf.io.encode_png(array).numpy()
 
 
+def _webp_rgba(array):
+    """A lossless WebP with alpha (TensorFlow encodes no WebP; Pillow does)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array, "RGBA").save(buffer, "WEBP", lossless=True)
+    return buffer.getvalue()
+
+
 @pytest.fixture(scope="module")
 def served(run, tmp_path_factory):
     """Every case run through the SavedModel in a fresh process: (report, outputs, inputs)."""
@@ -113,6 +123,7 @@ def served(run, tmp_path_factory):
     files["grey.png"] = _png(images[0, :, :, :1])
     files["rgba.png"] = _png(np.concatenate([images[0], np.full((32, 32, 1), 128, np.uint8)], axis=-1))
     files["big.png"] = _png(inputs["big"][0])
+    files["rgba.webp"] = _webp_rgba(np.concatenate([images[1], np.full((32, 32, 1), 200, np.uint8)], axis=-1))
     files["not_an_image.png"] = b"this is not an image"
     files["truncated.png"] = _png(images[1])[:60]
     files["empty.bin"] = b""
@@ -129,7 +140,7 @@ def served(run, tmp_path_factory):
         {"name": "bytes_corrupt", "signature": "serve_jpeg", "input": ["eval_0.png", "not_an_image.png"]},
         {"name": "bytes_truncated", "signature": "serve_jpeg", "input": ["truncated.png"]},
         {"name": "bytes_empty_string", "signature": "serve_jpeg", "input": ["empty.bin"]},
-        {"name": "bytes_channels", "signature": "serve_jpeg", "input": ["grey.png", "rgba.png", "big.png"]},
+        {"name": "bytes_channels", "signature": "serve_jpeg", "input": ["grey.png", "rgba.png", "big.png", "rgba.webp"]},
         {"name": "bytes_empty", "signature": "serve_jpeg", "input": []},
         {"name": "bytes_after_errors", "signature": "serve_jpeg", "input": eval_pngs[:2]},
     ]
@@ -233,6 +244,8 @@ def test_grey_and_rgba_images_are_converted(run, served):
                                atol=1e-5)
     np.testing.assert_allclose(outputs["bytes_channels.probabilities"][1],
                                _keras_probabilities(run, inputs["eval"][:1])[0], atol=1e-5)
+    np.testing.assert_allclose(outputs["bytes_channels.probabilities"][3],  # a WebP with alpha
+                               _keras_probabilities(run, inputs["eval"][1:2])[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("case, channels", [("images_two_channels", 2), ("images_five_channels", 5)])

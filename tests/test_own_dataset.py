@@ -126,6 +126,65 @@ def test_saved_model_evaluate_and_predict_name_the_species(runs, birds, capsys):
     assert all(len(line["top_k"]) == 2 for line in lines)
 
 
+def _linked_copy(run_dir, dest, skip=()):
+    """The run's files linked into `dest`, but for those in `skip` (to be written afresh)."""
+    os.makedirs(dest)
+    for name in os.listdir(run_dir):
+        if name not in skip:
+            os.symlink(os.path.join(run_dir, name), os.path.join(dest, name))
+    return str(dest)
+
+
+@pytest.mark.heavy
+def test_evaluate_reads_the_table_the_run_trained_with_and_any_subset_of_its_classes(runs, birds, tmp_path, capsys):
+    pytest.importorskip("tensorflow")
+    from keras_cwsn import evaluate
+
+    run_dir = runs["C"]["dir"]
+    with open(birds["table"], "rb") as f, open(os.path.join(run_dir, "hierarchy_table.tsv"), "rb") as g:
+        assert f.read() == g.read()  # the run keeps its table
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    # The table's path no longer names it (moved, or relative to another working folder): the copy answers.
+    moved = _linked_copy(run_dir, tmp_path / "moved", skip=("config.json",))
+    json.dump(dict(config, hierarchy=str(tmp_path / "gone.tsv")), open(os.path.join(moved, "config.json"), "w"))
+    capsys.readouterr()
+    assert evaluate.main([moved, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["classification_accuracy"] == pytest.approx(
+        runs["C"]["classification_accuracy"])
+    # A run without its copy (older runs) whose table has since been reordered: refused, not 0% reported.
+    reordered = write_table(tmp_path / "reordered.tsv", birds["rows"][::-1])
+    old = _linked_copy(run_dir, tmp_path / "old", skip=("config.json", "hierarchy_table.tsv"))
+    json.dump(dict(config, hierarchy=reordered), open(os.path.join(old, "config.json"), "w"))
+    assert evaluate.main([old]) == 2
+    assert "same classes in another order" in error_line(capsys)
+    # A folder holding some of the classes is evaluated on those.
+    subset = tmp_path / "subset"
+    os.makedirs(subset / "test")
+    os.symlink(os.path.join(birds["tree"], "test", "Mallard"), subset / "test" / "Mallard")
+    assert evaluate.main([run_dir, "--data-dir", str(subset), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 2
+
+
+def test_images_in_folders_inside_a_class_folder_are_named_not_silently_dropped(tmp_path):
+    from keras_cwsn.data.folder import list_split
+
+    make_bird_tree(tmp_path, species={"Mallard": "Anatidae", "Wood_Duck": "Anatidae"}, per_class=(2, 0))
+    write_image(str(tmp_path / "train" / "Mallard" / "more" / "00.jpg"), np.zeros((8, 8, 3), np.uint8))
+    paths, labels, report = list_split(str(tmp_path), "train", ["Mallard", "Wood_Duck"])
+    assert len(paths) == 4 and report["sub_folders"] == ["Mallard/more"]
+
+
+def test_a_hierarchy_table_names_your_own_data_beside_a_config_file_or_in_it(birds, tmp_path):
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text("arch: alexnet\nvariant: C\n")
+    args = train.parse_args(["--config", str(config_file), *own_args(birds)])
+    assert train.resolve_config(args)["dataset"] == "folder"
+    config_file.write_text(f"arch: alexnet\nhierarchy: {birds['table']}\ncoarse_column: family\n"
+                           f"data_dir: {birds['tree']}\n")
+    config = train.resolve_config(train.parse_args(["--config", str(config_file)]))
+    assert (config["dataset"], config["coarse_column"]) == ("folder", "family")
+
+
 def test_a_csv_table_and_a_named_fine_column(birds, tmp_path):
     from keras_cwsn.data import dataset_info, dataset_spec
 
@@ -154,6 +213,36 @@ def test_cub42_is_birdsnap34s_protocol_on_cub_species():
     assert np.all(np.bincount(info.fine_to_coarse) == 2)  # two species per family
     assert (info.image_size, info.normalization) == ((224, 224), "imagenet")
     assert "Red_winged_Blackbird" in info.fine_names and "Icteridae" in info.coarse_names
+
+
+def test_folder_names_match_in_any_unicode_form_and_system_folders_are_not_classes(tmp_path):
+    import unicodedata
+
+    from keras_cwsn.data.folder import FolderError, list_split
+
+    composed = "Étourneau_sansonnet"
+    decomposed = unicodedata.normalize("NFD", composed)  # as macOS writes it
+    assert decomposed != composed
+    make_bird_tree(tmp_path, species={decomposed: "Sturnidae", "Mallard": "Anatidae"}, per_class=(2, 0))
+    for system in (".ipynb_checkpoints", "__MACOSX"):
+        os.makedirs(tmp_path / "train" / system)
+    paths, labels, report = list_split(str(tmp_path), "train", [composed, "Mallard"], every_class=True)
+    assert list(labels) == [0, 0, 1, 1] and report["empty_class_folders"] == []
+    with pytest.raises(FolderError, match="--fine-column"):  # no folder is a class: the wrong column, likely
+        list_split(str(tmp_path), "train", ["1", "2"])
+
+
+def test_table_errors_name_the_files_own_lines_and_a_wrong_separator(tmp_path):
+    from keras_cwsn.data.info import HierarchyTableError, read_hierarchy_table
+
+    table = tmp_path / "blank_lines.tsv"
+    table.write_text("folder\tfamily\n\n\nMallard\tAnatidae\n\nMallard\tAnatidae\n")
+    with pytest.raises(HierarchyTableError, match=r"line 6: class 'Mallard' is listed twice \(first on line 4\)"):
+        read_hierarchy_table(str(table), None, "family")
+    commas = tmp_path / "commas.tsv"
+    commas.write_text("folder,family\nMallard,Anatidae\n")
+    with pytest.raises(HierarchyTableError, match="one column, 'folder,family': is it tab-separated"):
+        read_hierarchy_table(str(commas), None, "family")
 
 
 @pytest.mark.parametrize("case, expected", [

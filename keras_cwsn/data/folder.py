@@ -10,6 +10,8 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import sys
+import unicodedata
 
 import numpy as np
 
@@ -27,6 +29,10 @@ def default_cache_dir():
     return os.environ.get("KERAS_CWSN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "keras_cwsn"))
 
 
+def _nfc(name):
+    return unicodedata.normalize("NFC", name)
+
+
 def list_split(data_dir, split_folder, class_names, every_class=False):
     """(paths, labels, report) for `data_dir/split_folder/<class>/*`; unknown class folders are an error.
 
@@ -35,22 +41,29 @@ def list_split(data_dir, split_folder, class_names, every_class=False):
     root = os.path.join(data_dir, split_folder)
     if not os.path.isdir(root):
         raise FolderError(f"No folder {root!r}: expected {split_folder}/<class>/<images> under --data-dir {data_dir!r}.")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    unknown = [d for d in folders if d not in class_names]
+    # Folders a system or tool leaves (.ipynb_checkpoints, __MACOSX) are not classes. Names are compared in
+    # Unicode's composed form: macOS and its zips write decomposed names ("e" + accent) that look the same.
+    on_disk = {_nfc(d): d for d in sorted(os.listdir(root))
+               if os.path.isdir(os.path.join(root, d)) and not d.startswith(".") and d != "__MACOSX"}
+    known = {_nfc(c) for c in class_names}
+    unknown = [on_disk[d] for d in on_disk if d not in known]
     if unknown:
+        hint = (" None of the folders is a class of the table: does it name the classes in another column? "
+                "Say which with --fine-column." if len(unknown) == len(on_disk) else "")
         raise FolderError(f"{root}: class folder(s) {', '.join(map(repr, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}"
                           f" not in the class table ({len(class_names)} classes): add a row to the hierarchy table "
-                          f"for each, or move the folder out.")
-    missing = [c for c in class_names if c not in folders]
+                          f"for each, or move the folder out.{hint}")
+    missing = [c for c in class_names if _nfc(c) not in on_disk]
     if every_class and missing:
         raise FolderError(f"{root}: no folder for {len(missing)} class(es) of the hierarchy table "
                           f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): add the folders, or "
                           f"drop their rows from the table.")
-    paths, labels, report = [], [], {"empty_class_folders": [], "non_image_files": 0}
+    paths, labels, report = [], [], {"empty_class_folders": [], "non_image_files": 0, "sub_folders": []}
     for label, name in enumerate(class_names):
-        folder = os.path.join(root, name)
+        folder = os.path.join(root, on_disk.get(_nfc(name), name))
         files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        report["sub_folders"] += [f"{name}/{f}" for f in files if os.path.isdir(os.path.join(folder, f))]
         report["non_image_files"] += len(files) - len(images)
         if not images:
             report["empty_class_folders"].append(name)
@@ -75,12 +88,13 @@ def decode_files(paths, labels, image_size, decoder="auto"):
         return _decode_files_pillow(paths, labels, image_size)
     import tensorflow as tf
 
+    from keras_cwsn.data.preprocess import decode_rgb
+
     height, width = image_size
 
     def load(index):
         data = tf.io.read_file(tf.gather(paths_t, index))
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
+        image = decode_rgb(data)
         if not (height is None or width is None):
             image = tf.cond(
                 tf.reduce_all(tf.shape(image)[:2] == [height, width]),
@@ -143,7 +157,8 @@ def load_folder_split(data_dir, split_folder, class_names, image_size, cache_dir
     cache = os.path.join(cache_dir or default_cache_dir(), "folders", digest.hexdigest()[:20])
     if os.path.exists(os.path.join(cache, "report.json")):
         with open(os.path.join(cache, "report.json")) as f:
-            report = json.load(f)
+            listing = report  # what the folder holds besides the images listed: as it is now
+            report = dict(json.load(f), **{k: listing[k] for k in ("non_image_files", "sub_folders")})
         images = np.load(os.path.join(cache, "images.npy"), mmap_mode="r")
         return np.asarray(images), np.load(os.path.join(cache, "labels.npy")), report
     images, labels, skipped = decode_files(paths, labels, image_size)
@@ -152,7 +167,8 @@ def load_folder_split(data_dir, split_folder, class_names, image_size, cache_dir
     if verbose and (skipped or report["empty_class_folders"] or report["non_image_files"]):
         print(f"[data] {report['folder']}: skipped {len(skipped)} undecodable file(s)"
               f"{' e.g. ' + skipped[0] if skipped else ''}; {report['non_image_files']} non-image file(s) ignored; "
-              f"empty class folders: {report['empty_class_folders'] or 'none'}")
+              f"empty class folders: {report['empty_class_folders'] or 'none'}",
+              file=sys.stderr)  # a diagnostic: stdout stays for what a command answers (e.g. `evaluate --json`)
     if len(labels) == 0:
         raise FolderError(f"{report['folder']}: none of the {len(paths)} image files could be decoded.")
     try:

@@ -77,8 +77,11 @@ def read_hierarchy_table(path, fine_column, coarse_column):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             columns = [c.strip() for c in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items()}
-                    for row in reader]
+            rows, lines = [], []  # each row's line in the file (blank lines are skipped by the reader)
+            for row in reader:
+                rows.append({(k or "").strip(): (v or "").strip() if isinstance(v, str) else v
+                             for k, v in row.items()})
+                lines.append(reader.line_num)
     except (UnicodeDecodeError, csv.Error) as e:
         raise HierarchyTableError(f"Hierarchy table {path} can't be read as {'CSV' if delimiter == ',' else 'TSV'} "
                                   f"text: {e}") from None
@@ -86,13 +89,17 @@ def read_hierarchy_table(path, fine_column, coarse_column):
         raise HierarchyTableError(f"Hierarchy table {path} has no rows under a header line.")
     fine_column = fine_column or columns[0]
     for role, column in (("fine", fine_column), ("coarse", coarse_column)):
+        if column not in columns and len(columns) == 1:
+            raise HierarchyTableError(f"Hierarchy table {path} has one column, {columns[0]!r}: is it "
+                                      f"{'comma' if delimiter == ',' else 'tab'}-separated? (a table named .csv is "
+                                      f"read as comma-separated, any other as tab-separated)")
         if column not in columns:
             close = difflib.get_close_matches(column, columns, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise HierarchyTableError(f"Hierarchy table {path} has no {role} column {column!r}.{hint} "
                                       f"Columns: {', '.join(columns)}.")
     fine_names, coarse_names, fine_to_coarse = [], [], []
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows):
         fine, coarse = row.get(fine_column) or "", row.get(coarse_column) or ""
         if not fine:
             raise HierarchyTableError(f"Hierarchy table {path}, line {line}: empty {fine_column!r}.")
@@ -101,7 +108,7 @@ def read_hierarchy_table(path, fine_column, coarse_column):
                                       f"{coarse_column!r}.")
         if fine in fine_names:
             raise HierarchyTableError(f"Hierarchy table {path}, line {line}: class {fine!r} is listed twice "
-                                      f"(first on line {fine_names.index(fine) + 2}).")
+                                      f"(first on line {lines[fine_names.index(fine)]}).")
         if coarse not in coarse_names:
             coarse_names.append(coarse)
         fine_names.append(fine)

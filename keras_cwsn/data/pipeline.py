@@ -87,7 +87,8 @@ def dataset_info(dataset):
     return DatasetInfo(spec.name, fine, coarse, f2c, image_size=spec.image_size, normalization=spec.normalization)
 
 
-def load_split(dataset, split, data_dir=None, val_per_class=500, synthetic=None, cache_dir=None, verbose=True):
+def load_split(dataset, split, data_dir=None, val_per_class=500, synthetic=None, cache_dir=None, verbose=True,
+               every_class=None):
     """Load one split of a dataset as a `Split` (images not yet preprocessed).
 
     Args:
@@ -100,6 +101,8 @@ def load_split(dataset, split, data_dir=None, val_per_class=500, synthetic=None,
             name); 0 trains on all of `train/` (when the figures are on `test`). Defaults to 500.
         synthetic: dict or None. `train_size`, `eval_size`, `num_coarse`, `fine_per_coarse`, `data_seed`.
         cache_dir: str or None. Where decoded folders and statistics are cached.
+        every_class: bool or None. Whether each class of a folder dataset's table needs a folder; None: yes
+            (training), False: a folder with some of the classes is read (evaluating on it).
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split. Expected one of {', '.join(SPLITS)}. Received: split={split!r}")
@@ -116,7 +119,7 @@ def load_split(dataset, split, data_dir=None, val_per_class=500, synthetic=None,
     if source in ("cifar", "folder"):
         if data_dir is not None:
             return _folder_split(name, split, data_dir, info, val_per_class, cache_dir, verbose,
-                                 every_class=source == "folder")
+                                 every_class=source == "folder" and every_class is not False)
         return _tfds_cifar_split(name, split, info, val_per_class)
     return _birdsnap_split(name, split, data_dir, info)
 

@@ -10,6 +10,15 @@ import tensorflow as tf
 from keras_cwsn.data.normalize import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, compute_uv_stats  # noqa: F401
 
 
+def decode_rgb(data):
+    """Encoded image bytes (JPEG, PNG, GIF, BMP, WebP) -> uint8 RGB (H, W, 3): grey repeated, alpha dropped.
+
+    Decoded with the file's own channels first: `decode_image(channels=3)` refuses a WebP with alpha."""
+    image = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
+    rgb = tf.cond(tf.shape(image)[-1] < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
+    return tf.ensure_shape(rgb, [None, None, 3])
+
+
 def yuv_normalize(images, uv_mean, uv_std):
     """uint8 RGB images (..., H, W, 3) -> float32 YUV with per-image Y and dataset-level U, V standardisation."""
     yuv = tf.image.rgb_to_yuv(tf.cast(images, tf.float32) / 255.0)

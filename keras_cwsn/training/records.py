@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from keras_cwsn.atomic import atomic_path, write_json_atomic
+from keras_cwsn.constants import HIERARCHY_SNAPSHOT
 from keras_cwsn.constants import FIGURES
 from keras_cwsn.errors import RunError, one_line
 from keras_cwsn.metrics import seed_std
@@ -39,10 +40,29 @@ def save_keras_atomic(model, path):
 
 
 def write_config(output_dir, config):
-    """config.json, and the config as text in TensorBoard (when TensorFlow is there)."""
+    """config.json, a copy of the run's hierarchy table (`table_snapshot`), and the config as text in
+    TensorBoard (when TensorFlow is there)."""
     write_json_atomic(os.path.join(output_dir, "config.json"), config)
+    if config.get("hierarchy"):
+        with open(config["hierarchy"], "rb") as f:
+            table = f.read()
+        with atomic_path(table_snapshot_path(output_dir, config["hierarchy"])) as tmp, open(tmp, "wb") as f:
+            f.write(table)
     write_text_summary(os.path.join(output_dir, "logs", "config"), "config",
                        "```\n" + json.dumps(config, indent=2) + "\n```")
+
+
+def table_snapshot_path(output_dir, table):
+    """Where a run keeps the hierarchy table it trained with (its class ids are that table's row order), so
+    that `evaluate` reads the same labels wherever it runs and whatever becomes of the original file."""
+    return os.path.join(output_dir, HIERARCHY_SNAPSHOT + (".csv" if table.lower().endswith(".csv") else ".tsv"))
+
+
+def table_snapshot(output_dir):
+    """The run's copy of its hierarchy table, or None (a registered dataset, or a run from before copies)."""
+    found = [p for p in (os.path.join(output_dir, HIERARCHY_SNAPSHOT + ext) for ext in (".tsv", ".csv"))
+             if os.path.isfile(p)]
+    return found[0] if found else None
 
 
 def write_text_summary(folder, tag, text):
@@ -148,12 +168,17 @@ def _warn_split_report(split):
         example = f" (e.g. {skipped[0]})" if skipped else ""
         print(f"warning: {report.get('folder', split.name)}: skipped {len(skipped)} undecodable or empty image "
               f"file(s){example}; empty class folders: {', '.join(empty) or 'none'}", file=sys.stderr, flush=True)
+    nested = report.get("sub_folders") or []
+    if nested:  # images are read from each class folder itself, not from folders inside it
+        print(f"warning: {report.get('folder', split.name)}: ignored {len(nested)} folder(s) inside class folders "
+              f"({', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}): move their images up into the class "
+              f"folder to train on them", file=sys.stderr, flush=True)
 
 
 def data_summary(split):
     report = split.report or {}
     keys = ("source", "folder", "listed", "decoded", "skipped_undecodable", "skipped_missing", "skipped_corrupt",
-            "empty_class_folders", "non_image_files")
+            "empty_class_folders", "non_image_files", "sub_folders")
     return {k: report[k] for k in keys if k in report}
 
 
