@@ -68,3 +68,32 @@ def test_main_prints_the_peaks_only_when_asked(runs, capsys):
     assert cli.main([str(runs), "--peaks"]) == 0
     out = capsys.readouterr().out
     assert out.index("### cifar10 / lenet, schedule_scale 0.5\n") < out.index("schedule_scale 0.5: best epoch")
+
+
+def test_runs_on_other_data_other_splits_or_other_epochs_are_never_averaged(tmp_path):
+    """A user's folders (each with its own table), the split reported on and the number of epochs
+    name tables of their own; runs that agree on all of them share one row."""
+    def folder_run(name, seed, acc, data_dir, coarse="family", **settings):
+        write_run(tmp_path / name / f"seed_{seed}", "C", seed, cluster=[(0.3, 0.2)], acc=acc, dataset="folder",
+                  data_dir=data_dir, hierarchy=f"{data_dir}/table.tsv", coarse_column=coarse, **settings)
+
+    folder_run("birds", 0, 0.40, "/data/birds")
+    folder_run("birds", 1, 0.50, "/data/birds")
+    folder_run("cars", 0, 0.90, "/data/cars")
+    folder_run("cars-make", 0, 0.80, "/data/cars", coarse="make")
+    groups = tables.group_runs(tables.find_metrics([str(tmp_path)]))
+    rows = {key[0]: [r["classification_accuracy"] for r in runs] for key, runs in groups.items()}
+    assert sorted(map(sorted, rows.values())) == [[0.4, 0.5], [0.8], [0.9]]
+    assert sorted(rows[k][0] for k in rows if "coarse_column=family" in k) == [0.4, 0.9]
+
+    split = tmp_path / "splits"
+    write_run(split / "val" / "seed_0", "ce", 0, acc=0.70, epochs=95)
+    write_run(split / "test" / "seed_0", "ce", 0, acc=0.60, eval_split="test", epochs=95)
+    write_run(split / "short" / "seed_1", "ce", 1, acc=0.10, eval_split="test", epochs=1)
+    groups = tables.group_runs(tables.find_metrics([str(split)]))
+    names = {key[0]: [r["classification_accuracy"] for r in runs] for key, runs in groups.items()}
+    assert names == {"cifar10 eval=val epochs=95": [0.7], "cifar10 eval=test epochs=95": [0.6],
+                     "cifar10 eval=test epochs=1": [0.1]}
+    assert tables.paper_reference(("cifar10 eval=val", "lenet", False, 0.5))[1]["ce"][3] == 75.48
+    # One table when the runs agree: the title is the dataset's alone.
+    assert [k[0] for k in tables.group_runs(tables.find_metrics([str(split / "val")]))] == ["cifar10"]

@@ -5,7 +5,8 @@
     python -m keras_cwsn.report runs/cifar10-* --plots docs/figures
 
 Each argument is a run folder (metrics.json) or a multi-seed folder (seed_*/metrics.json); runs
-are grouped by dataset, network, variant, recipe settings and schedule, and reported as mean ±
+are grouped by dataset (a folder dataset by its folder and table), network, variant, recipe settings
+and schedule (split reported on and epochs apart where they differ), and reported as mean ±
 sample std (n - 1) and best over seeds, with the difference from the paper and from the
 cross-entropy baseline of the same schedule and settings (Welch's t-test p-value). A run whose
 criterion, margin, head, weight decay, initialisation, BatchNorm or augmentation is not the paper's gets a

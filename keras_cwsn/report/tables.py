@@ -99,8 +99,9 @@ def table_rows(groups):
 def paper_reference(table_key):
     """(the paper's dataset a table is read against, its rows {variant: figures}); rows {} where the paper has none."""
     dataset, arch, double = table_key[:3]
-    spec = DATASETS.get(dataset)
-    paper_dataset = (spec.paper_rows if spec else None) or dataset
+    name = dataset.partition(" ")[0]  # without the qualifiers of `group_runs`
+    spec = DATASETS.get(name)
+    paper_dataset = (spec.paper_rows if spec else None) or name
     return paper_dataset, PAPER_TABLES.get((paper_dataset, arch, double), {})
 
 
@@ -115,19 +116,52 @@ def table_title(table_key, scale_format=""):
 
 def group_runs(metric_files):
     """{(dataset, arch, double, schedule_scale, row label): [metrics dicts]}; each dict gets `run_dir`,
-    the folder its metrics.json is in (where the per-epoch histories are)."""
-    groups = {}
+    the folder its metrics.json is in (where the per-epoch histories are).
+
+    `dataset` names the data itself: a user's folder with its table and columns, the embedded set
+    with its settings. Runs of one table that differ in a setting of `TABLE_SPLITTERS` (the split
+    reported on, the number of epochs) are never averaged: the table splits in two, the setting
+    named after the dataset, e.g. "cifar10 eval=val"."""
+    tables = {}
     for path in metric_files:
         with open(path) as f:
             m = json.load(f)
         m["run_dir"] = os.path.dirname(os.path.abspath(path))
         _add_evaluated_hierarchy_figure(m)
         c = m["config"]
-        data = json.dumps(c.get("synthetic") or {}, sort_keys=True) if c["dataset"] == "synthetic" else ""
-        key = (c["dataset"] + (f" {data}" if data else ""), c["arch"], bool(c.get("double")),
-               c.get("schedule_scale", 1.0), row_label(c))
-        groups.setdefault(key, []).append(m)
+        tables.setdefault((_data_name(c), c["arch"], bool(c.get("double")), c.get("schedule_scale", 1.0)),
+                          []).append(m)
+    groups = {}
+    for (dataset, *rest), runs in tables.items():
+        splitters = [(name, value) for name, value in TABLE_SPLITTERS.items()
+                     if len({value(m) for m in runs} - {None}) > 1]
+        for m in runs:
+            qualifier = " ".join(f"{name}={value(m)}" for name, value in splitters if value(m) is not None)
+            key = (f"{dataset} {qualifier}" if qualifier else dataset, *rest, row_label(m["config"]))
+            groups.setdefault(key, []).append(m)
     return groups
+
+
+def _data_name(config):
+    """The data a run trained on, as a table names it: the dataset, with what tells its data apart
+    where the name alone does not (the embedded set's settings, a user's folder and table)."""
+    dataset = config["dataset"]
+    if dataset == "synthetic":
+        return f"{dataset} {json.dumps(config.get('synthetic') or {}, sort_keys=True)}"
+    if dataset == "folder":
+        return " ".join([dataset] + [f"{key}={config[key]}" for key in FOLDER_DATA_KEYS if config.get(key)])
+    return dataset
+
+
+# The config keys that say which folder and table a user's own dataset is.
+FOLDER_DATA_KEYS = ("data_dir", "hierarchy", "fine_column", "coarse_column")
+# Settings every run of a table must share to be averaged; where they differ, the table splits by them.
+TABLE_SPLITTERS = {
+    "eval": lambda m: m.get("eval_split"),
+    "epochs": lambda m: m["config"].get("classify", {}).get("epochs"),
+    "cluster-epochs": lambda m: (None if m["config"]["variant"] == CLASSIFIER_VARIANT
+                                 else m["config"].get("cluster", {}).get("epochs")),
+}
 
 
 def _add_evaluated_hierarchy_figure(m):
