@@ -126,7 +126,8 @@ KEYS = {
                       default="auto", hparam=str),  # the HParam is the split "auto" resolved to
     "val_per_class": Key(_positive_int, "an integer >= 1", default=500),
     "data_dir": Key(lambda v: v is None or isinstance(v, str), "a folder path or null", default=None, resumable=True),
-    "hierarchy": Key(_name_or_none, "a TSV/CSV file path or null", default=None),
+    # resumable: the file may move (another machine); its content must not (`check_resume_config`)
+    "hierarchy": Key(_name_or_none, "a TSV/CSV file path or null", default=None, resumable=True),
     "fine_column": Key(_name_or_none, "a column name or null (the first)", default=None),
     "coarse_column": Key(_name_or_none, "a column name or null", default=None),
     "image_size": Key(_image_size, "null (the network's), a side >= 16 or [height, width]", default=None),

@@ -170,8 +170,10 @@ def test_images_in_folders_inside_a_class_folder_are_named_not_silently_dropped(
 
     make_bird_tree(tmp_path, species={"Mallard": "Anatidae", "Wood_Duck": "Anatidae"}, per_class=(2, 0))
     write_image(str(tmp_path / "train" / "Mallard" / "more" / "00.jpg"), np.zeros((8, 8, 3), np.uint8))
+    os.makedirs(tmp_path / "train" / "Mallard" / "odd.jpg")  # a folder named like an image is not one
     paths, labels, report = list_split(str(tmp_path), "train", ["Mallard", "Wood_Duck"])
-    assert len(paths) == 4 and report["sub_folders"] == ["Mallard/more"]
+    assert len(paths) == 4 and report["sub_folders"] == ["Mallard/more", "Mallard/odd.jpg"]
+    assert report["non_image_files"] == 0
 
 
 def test_a_hierarchy_table_names_your_own_data_beside_a_config_file_or_in_it(birds, tmp_path):

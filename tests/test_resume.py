@@ -241,3 +241,23 @@ def test_the_refusal_names_a_set_flag_that_gives_the_saved_value_back(key, value
     flag, item = shlex.split(_set_flag(key, value))  # two words, as a shell passes them to train.py
     assert flag == "--set" and item.partition("=")[0] == key
     assert yaml.safe_load(item.partition("=")[2]) == value
+
+
+def test_a_run_resumes_only_with_the_hierarchy_table_it_started_with(tmp_path):
+    from keras_cwsn.training import RunError, check_resume_config
+
+    out, table, moved = tmp_path / "run", tmp_path / "birds.tsv", tmp_path / "elsewhere.tsv"
+    table.write_text("species\tfamily\nMallard\tAnatidae\nWood_Duck\tAnatidae\n")
+    started = {"variant": "C", "seed": 0, "hierarchy": str(table)}
+    (out / "backup" / "cluster").mkdir(parents=True)
+    (out / "backup" / "cluster" / "training_metadata.json").write_text('{"epoch": 1}')
+    (out / "config.json").write_text(json.dumps(started))
+    (out / "hierarchy_table.tsv").write_text(table.read_text())
+    assert check_resume_config(str(out), started) == {}
+    moved.write_text(table.read_text())  # the same table at another path (another machine) resumes
+    assert "hierarchy" in check_resume_config(str(out), dict(started, hierarchy=str(moved)))
+    table.write_text("species\tfamily\nWood_Duck\tAnatidae\nMallard\tAnatidae\n")  # rows reordered: ids change
+    with pytest.raises(RunError, match=r"birds.tsv has changed since .*resume with --hierarchy .*hierarchy_table.tsv"):
+        check_resume_config(str(out), started)
+    kept = str(out / "hierarchy_table.tsv")
+    assert "hierarchy" in check_resume_config(str(out), dict(started, hierarchy=kept))

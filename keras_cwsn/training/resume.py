@@ -23,6 +23,7 @@ from keras_cwsn.constants import PHASES
 from keras_cwsn.errors import RunError, one_line
 from keras_cwsn.training import workers
 from keras_cwsn.training.checkpoint import Checkpoint
+from keras_cwsn.training.records import table_snapshot
 
 
 def _flatten(mapping, prefix=""):
@@ -124,7 +125,24 @@ def check_resume_config(output_dir, config):
         raise RunError(f"{output_dir} holds a run started with other settings ({listed}); rerun with the same "
                        f"settings to resume it{f' ({flags})' if flags else ''}, pass --overwrite to start over, "
                        f"or choose another --output-dir.")
+    _check_same_table(output_dir, config)
     return changes
+
+
+def _check_same_table(output_dir, config):
+    """Refuse a hierarchy table whose content changed since the run started: its rows are the class ids."""
+    kept = table_snapshot(output_dir)
+    if not (kept and config.get("hierarchy")):
+        return
+    try:
+        with open(config["hierarchy"], "rb") as now, open(kept, "rb") as then:
+            same = now.read() == then.read()
+    except OSError as e:
+        raise RunError(f"Cannot compare the hierarchy table with the run's copy to resume it: {one_line(e)}") from None
+    if not same:
+        raise RunError(f"{config['hierarchy']} has changed since {output_dir} started (the run keeps the table it "
+                       f"started with as {kept}; its rows are the class ids): resume with --hierarchy {kept}, "
+                       f"or pass --overwrite to start over with the new table.")
 
 
 def read_resume_epoch(backup_dir, strategy):
