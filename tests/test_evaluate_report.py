@@ -279,6 +279,11 @@ def test_report_keeps_other_recipes_in_rows_of_their_own_against_their_own_basel
               "init": "keras", "batchnorm": "torch", "augment": True, "last_layer_weight_decay": False}
     assert tables.row_label(config) == "A mcl margin-1 copy-head decoupled-wd keras-init torch-bn augment no-fc3-wd"
     assert tables.baseline_label(config) == "ce decoupled-wd keras-init torch-bn augment no-fc3-wd"
+    # an input other than the network's (a smaller image for a CPU campaign) is never averaged with it
+    from keras_cwsn.config import DEFAULTS
+    assert tables.row_label({**DEFAULTS, "variant": "C", "image_size": 64}) == "C 64px"
+    assert tables.row_label({**DEFAULTS, "variant": "ce", "image_size": [96, 128], "normalization": "yuv"}) \
+        == "ce 96x128px yuv-norm"
 
 
 def test_report_says_p_below_001_rather_than_p_zero(tmp_path, capsys):

@@ -7,9 +7,10 @@ computation and to each other.
 
 import numpy as np
 
+from keras_cwsn.constants import NORMALIZATIONS  # noqa: F401  (re-exported: preprocess reads it here)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = ("yuv", "imagenet")
 # RGB -> YUV (BT.601), the kernel `tf.image.rgb_to_yuv` applies: yuv = rgb @ YUV_FROM_RGB.
 YUV_FROM_RGB = np.array([[0.299, -0.14714119, 0.61497538],
                          [0.587, -0.28886916, -0.51496512],
