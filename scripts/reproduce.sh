@@ -14,10 +14,7 @@
 # (unless TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS say otherwise), each logging to
 # OUT_DIR/stream-K.log: on 2 cores, two one-thread runs train about 1.5x the images per second of
 # one two-thread run (docs/BENCHMARKS.md, section 0). PYTHON names the interpreter (default python).
-# MALLOC_ARENA_MAX defaults to 2: with glibc's default arenas, AlexNet A at double width (batch 1024)
-# grew from 19 GB to 24 GB resident in its second clustering epoch and was killed; with 2 it held 19.
 set -uo pipefail
-export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
 data_dir=${1:?usage: $0 DATA_DIR [OUT_DIR] [SCHEDULE_SCALE] [SEEDS]}
 out=${2:-runs}
 scale=${3:-0.0632}   # 6 of the paper's 95 CIFAR-10 epochs per phase; 1.0 is the paper's schedule

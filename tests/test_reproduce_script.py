@@ -15,12 +15,11 @@ TINY = "--batch-size 8 --set embedding_sample=0 --set metrics_sample=40 --quiet"
 
 
 def _python_that_logs_its_threads(tmp_path):
-    """An interpreter wrapper recording, per call, the thread settings TensorFlow would read and glibc's arena cap."""
+    """An interpreter wrapper recording, per call, the thread settings TensorFlow would read."""
     log = tmp_path / "threads.log"
     wrapper = tmp_path / "python"
     wrapper.write_text(f'#!/usr/bin/env bash\necho "${{TF_NUM_INTRAOP_THREADS:-unset}} '
-                       f'${{TF_NUM_INTEROP_THREADS:-unset}} ${{MALLOC_ARENA_MAX:-unset}} $*" >> "{log}"\n'
-                       f'exec "{sys.executable}" "$@"\n')
+                       f'${{TF_NUM_INTEROP_THREADS:-unset}} $*" >> "{log}"\nexec "{sys.executable}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     return str(wrapper), log
 
@@ -44,7 +43,7 @@ def test_streams_share_out_the_runs_and_run_each_on_one_thread(tmp_path):
         assert metrics["config"]["schedule_scale"] == 0.0106 and metrics["seed"] == seed
         assert (copies / f"cifar10-lenet-t-{variant}" / f"seed_{seed}" / "metrics.json").is_file()
     trainings = [line for line in log.read_text().splitlines() if "train.py" in line]
-    assert len(trainings) == 3 and all(line.startswith("1 1 2 ") for line in trainings)  # one thread, 2 arenas
+    assert len(trainings) == 3 and all(line.startswith("1 1 ") for line in trainings)
 
     env["STREAMS"] = "1"  # the same command again: every run is finished, nothing trains
     again = subprocess.run(["bash", SCRIPT, str(data), str(out), "0.0106"], env=env, capture_output=True, text=True,
