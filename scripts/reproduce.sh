@@ -13,7 +13,9 @@
 # round-robin to N copies of this script running at once, each TensorFlow process on one thread
 # (unless TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS say otherwise), each logging to
 # OUT_DIR/stream-K.log: on 2 cores, two one-thread runs train about 1.5x the images per second of
-# one two-thread run (docs/BENCHMARKS.md, section 0). PYTHON names the interpreter (default python).
+# one two-thread run (docs/BENCHMARKS.md, section 0). RETRIES=N reruns a run up to N times when it is
+# killed by SIGKILL (exit 137: the kernel's out-of-memory killer), resuming from its last checkpoint;
+# any other failure stops the script. PYTHON names the interpreter (default python).
 set -uo pipefail
 data_dir=${1:?usage: $0 DATA_DIR [OUT_DIR] [SCHEDULE_SCALE] [SEEDS]}
 out=${2:-runs}
@@ -29,6 +31,8 @@ copy_to=${COPY_TO:+$(realpath -m "$COPY_TO")}
 python=${PYTHON:-python}
 streams=${STREAMS:-1}
 case "$streams" in ''|*[!0-9]*|0) echo "error: STREAMS must be a whole number >= 1; got '$streams'" >&2; exit 2 ;; esac
+retries=${RETRIES:-0}
+case "$retries" in ''|*[!0-9]*) echo "error: RETRIES must be a whole number >= 0; got '$retries'" >&2; exit 2 ;; esac
 script=$(realpath "$0")
 cd "$(dirname "$0")/.."
 if [ "$streams" -gt 1 ]; then
@@ -51,8 +55,14 @@ for pair in $runs; do
   run="$out/$prefix-$variant/seed_$seed"
   if [ ! -f "$run/metrics.json" ]; then
     echo "=== $(date +%T) $variant seed $seed"
-    "$python" train.py --dataset "$dataset" --data-dir "$data_dir" --variant "$variant" --seed "$seed" \
-      --schedule-scale "$scale" --output-dir "$run" ${ARGS:-} || exit $?
+    attempt=0
+    until "$python" train.py --dataset "$dataset" --data-dir "$data_dir" --variant "$variant" --seed "$seed" \
+      --schedule-scale "$scale" --output-dir "$run" ${ARGS:-}; do
+      status=$?
+      if [ "$status" != 137 ] || [ "$attempt" -ge "$retries" ]; then exit "$status"; fi
+      attempt=$((attempt + 1))
+      echo "=== $(date +%T) $variant seed $seed killed (exit 137); resuming, retry $attempt of $retries"
+    done
   fi
   if [ -n "$copy_to" ]; then
     dest="$copy_to/$prefix-$variant/seed_$seed"

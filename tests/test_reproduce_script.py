@@ -1,4 +1,5 @@
-"""scripts/reproduce_cifar10.sh: runs skipped when finished, small files copied, STREAMS=N runs at once on one thread each."""
+"""scripts/reproduce_cifar10.sh: runs skipped when finished, small files copied, STREAMS=N runs at once on one thread each,
+RETRIES=N reruns of a run killed for memory."""
 
 import json
 import os
@@ -57,3 +58,47 @@ def test_bad_streams_value_is_refused(tmp_path):
         done = subprocess.run(["bash", SCRIPT, str(tmp_path), str(tmp_path / "runs")],
                               env=subprocess_env(STREAMS=value), capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "STREAMS must be a whole number" in done.stderr, value
+
+
+def _python_killed_first(tmp_path, kills, exit_status=None):
+    """An interpreter stand-in for `train.py`: SIGKILLs itself on its first `kills` calls (as the
+    out-of-memory killer would), or exits with `exit_status`; otherwise writes a finished run."""
+    calls = tmp_path / "calls.log"
+    wrapper = tmp_path / "python"
+    fail = f"exit {exit_status}" if exit_status is not None else "kill -9 $$"
+    wrapper.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> "{calls}"
+n=$(wc -l < "{calls}")
+if [ "$n" -le {kills} ]; then {fail}; fi
+while [ $# -gt 0 ]; do [ "$1" = --output-dir ] && out=$2; shift; done
+mkdir -p "$out" && echo '{{}}' > "$out/metrics.json"
+""")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    return str(wrapper), calls
+
+
+def _reproduce(tmp_path, python, **env):
+    env = subprocess_env(RUNS="A:0", TAG="t", PYTHON=python, NO_TABLE=1, **env)
+    return subprocess.run(["bash", SCRIPT, str(tmp_path), str(tmp_path / "runs"), "0.1"], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_retries_resume_a_run_killed_for_memory(tmp_path):
+    python, calls = _python_killed_first(tmp_path, kills=2)
+    done = _reproduce(tmp_path, python, RETRIES=2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("killed (exit 137); resuming") == 2
+    assert (tmp_path / "runs" / "cifar10-lenet-t-A" / "seed_0" / "metrics.json").is_file()
+    runs = calls.read_text().splitlines()
+    assert len(runs) == 3 and len(set(runs)) == 1  # the same command each time: train.py resumes it
+
+
+def test_retries_run_out_and_other_failures_stop_the_script(tmp_path):
+    python, calls = _python_killed_first(tmp_path, kills=2)
+    done = _reproduce(tmp_path, python, RETRIES=1)  # killed twice, one retry: the kill stands
+    assert done.returncode == 137 and len(calls.read_text().splitlines()) == 2
+    calls.unlink()
+    python, calls = _python_killed_first(tmp_path, kills=1, exit_status=2)  # a refused config: never retried
+    done = _reproduce(tmp_path, python, RETRIES=5)
+    assert done.returncode == 2 and len(calls.read_text().splitlines()) == 1
+    assert _reproduce(tmp_path, python, RETRIES="x").stderr.startswith("error: RETRIES must be a whole number")
