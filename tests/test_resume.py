@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -158,7 +159,8 @@ def test_output_dir_rules(tmp_path):
 
 
 def test_checkpoint_keeps_optimizer_state_and_survives_a_torn_write(tmp_path):
-    """save_weights holds the optimizer's momentum; a half-written checkpoint never replaces the last good one."""
+    """save_weights holds the optimizer's momentum; a half-written checkpoint never replaces the last good one,
+    and the next save deletes it."""
     import keras
 
     from keras_cwsn.training import Checkpoint
@@ -181,6 +183,14 @@ def test_checkpoint_keeps_optimizer_state_and_survives_a_torn_write(tmp_path):
     for a, b in zip(trained.optimizer.variables + trained.variables, restored.optimizer.variables + restored.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
     assert int(restored.optimizer.iterations.numpy()) == 2
+
+    torn, live = tmp_path / "backup" / ".tmp-epoch-0003.weights.h5", tmp_path / "backup" / ".tmp-live.weights.h5"
+    live.write_bytes(b"another writer, still writing")
+    os.utime(torn, (time.time() - 3600,) * 2)  # left by a process killed an hour ago
+    checkpoint.save(trained, 3)  # the next save sweeps the torn file, not a live one
+    assert not torn.exists() and live.exists()
+    assert sorted(p.name for p in (tmp_path / "backup").glob("epoch-*")) == ["epoch-0002.weights.h5",
+                                                                          "epoch-0003.weights.h5"]
 
 
 def test_multi_seed_command_keeps_finished_seeds(tmp_path, monkeypatch):

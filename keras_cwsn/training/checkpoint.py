@@ -3,12 +3,15 @@
 import contextlib
 import json
 import os
+import time
 
 import keras
 import numpy as np
 
 from keras_cwsn.atomic import atomic_path, write_json_atomic
 from keras_cwsn.errors import RunError, one_line
+
+TORN_WRITE_AGE = 60  # seconds: a checkpoint's temporary file unchanged this long before a save is garbage
 
 
 class Checkpoint(keras.callbacks.Callback):
@@ -99,6 +102,7 @@ class Checkpoint(keras.callbacks.Callback):
     def save(self, model, epoch):
         """Write the checkpoint after `epoch` completed epochs; the metadata goes last."""
         name = f"epoch-{epoch:04d}.weights.h5"
+        started = time.time()
         previous = self.read(self.backup_dir) or {}
         try:
             with atomic_path(os.path.join(self.backup_dir, name), suffix=".weights.h5") as tmp:
@@ -117,9 +121,14 @@ class Checkpoint(keras.callbacks.Callback):
             raise RunError(f"Cannot write the {self.phase} checkpoint for epoch {epoch} to {self.backup_dir}: "
                            f"{one_line(e)}") from e
         for stale in os.listdir(self.backup_dir):  # keep this epoch's and the previous one's
-            if stale.endswith(".weights.h5") and stale not in checkpoints.values() and not stale.startswith(".tmp-"):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(self.backup_dir, stale))
+            path = os.path.join(self.backup_dir, stale)
+            if not stale.endswith(".weights.h5") or stale in checkpoints.values():
+                continue
+            with contextlib.suppress(OSError):
+                # A temporary file untouched since before this save began is a write torn by a kill
+                # (as large as the model); one still being written belongs to another writer.
+                if not stale.startswith(".tmp-") or os.path.getmtime(path) < started - TORN_WRITE_AGE:
+                    os.remove(path)
 
 
 def _seed_state_variables(model):
